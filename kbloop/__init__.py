@@ -1,0 +1,109 @@
+"""kbloop: a drop-in asyncio event loop whose I/O runs on kernel-bypass queues.
+
+    kbloop.run(main())                                   # like asyncio.run
+    asyncio.run(main(), loop_factory=kbloop.new_event_loop)   # Python 3.12+
+    asyncio.Runner(loop_factory=kbloop.new_event_loop)
+    python -m kbloop server.py                           # an unmodified asyncio program
+"""
+import sys
+
+if not sys.platform.startswith('linux'):
+    raise ImportError('kbloop runs on Linux only: it needs io_uring (Linux 5.19 or newer '
+                      'for every feature); on this platform use asyncio or uvloop')
+
+import asyncio
+import os
+import platform
+import warnings
+
+from kbloop_ext.core import (BackendUnavailable, Server, SocketTransport, _CoreLoop,
+                             UringDatapath, force_uring_failure, probe_io_uring)
+
+__all__ = ['Loop', 'new_event_loop', 'run', 'install', 'EventLoopPolicy', 'BackendUnavailable',
+           'info', 'Server', 'SocketTransport']
+__version__ = '0.1.0'
+
+BACKENDS = ('io_uring',)
+
+if os.environ.get('KBLOOP_FORCE_URING_ERROR'):
+    force_uring_failure(os.environ['KBLOOP_FORCE_URING_ERROR'])
+
+
+class Loop(_CoreLoop, asyncio.BaseEventLoop):
+    """The kbloop event loop on the io_uring datapath.
+
+    ring_entries: submission queue size; recv_buffers / recv_buffer_size: the provided-buffer
+    ring that multishot receives fill (count must be a power of two, size a multiple of the page
+    size); single_issuer: use SINGLE_ISSUER|DEFER_TASKRUN when the kernel has it (the ring then
+    belongs to the first thread that runs the loop).
+    """
+
+    def __init__(self, *, ring_entries=4096, recv_buffers=1024, recv_buffer_size=16384,
+                 single_issuer=True):
+        datapath = UringDatapath(ring_entries, recv_buffers, recv_buffer_size, single_issuer)
+        _CoreLoop.__init__(self, datapath)
+
+
+_fallback_warned = False
+
+
+def new_event_loop(*, backend=None, **options):
+    """Create a kbloop loop.
+
+    backend=None picks the best available datapath (io_uring; KBLOOP_BACKEND overrides) and,
+    when io_uring cannot be used here, warns once and returns asyncio's default loop so that
+    programs keep running.  An explicit backend raises BackendUnavailable instead.
+    """
+    global _fallback_warned
+    explicit = backend is not None or 'KBLOOP_BACKEND' in os.environ
+    backend = backend or os.environ.get('KBLOOP_BACKEND', 'io_uring')
+    if backend not in BACKENDS:
+        raise BackendUnavailable(
+            f'unknown kbloop backend {backend!r}; available: {", ".join(BACKENDS)}')
+    try:
+        return Loop(**options)
+    except BackendUnavailable as exc:
+        if explicit:
+            raise
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn(f'kbloop: io_uring is unavailable ({exc}); falling back to '
+                          f"asyncio's default event loop", RuntimeWarning, stacklevel=2)
+        return asyncio.SelectorEventLoop()
+
+
+def run(main, *, debug=None, **options):
+    """Run a coroutine on a new kbloop loop, like asyncio.run()."""
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError('kbloop.run() cannot be called from a running event loop')
+    with asyncio.Runner(debug=debug, loop_factory=lambda: new_event_loop(**options)) as runner:
+        return runner.run(main)
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """Policy shim (policies are deprecated from Python 3.14): prefer loop_factory/run()."""
+
+    def _loop_factory(self):
+        return new_event_loop()
+
+
+def install():
+    """Make asyncio create kbloop loops (sets the event loop policy).  Deprecated on 3.12+
+    in favour of kbloop.run() or asyncio.run(..., loop_factory=kbloop.new_event_loop)."""
+    if sys.version_info >= (3, 12):
+        warnings.warn('kbloop.install() is deprecated: use kbloop.run() or '
+                      'asyncio.run(main, loop_factory=kbloop.new_event_loop)',
+                      DeprecationWarning, stacklevel=1)
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def info():
+    """What kbloop can use on this machine, and why not where it cannot."""
+    uring = probe_io_uring()
+    return {
+        'kbloop': __version__,
+        'python': platform.python_version(),
+        'kernel': platform.release(),
+        'io_uring': uring,
+        'default_backend': 'io_uring' if uring['usable'] else 'asyncio (fallback)',
+    }

@@ -1,0 +1,66 @@
+"""python -m kbloop: run an unmodified asyncio program on kbloop, or report what is usable.
+
+    python -m kbloop info [--json]
+    python -m kbloop [--backend io_uring] script.py [args...]
+    python -m kbloop [--backend io_uring] -m package.module [args...]
+"""
+import argparse
+import json
+import os
+import runpy
+import sys
+
+import kbloop
+
+
+def _print_info(as_json):
+    data = kbloop.info()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    u = data['io_uring']
+    print(f"kbloop {data['kbloop']} on Python {data['python']}, kernel {data['kernel']}")
+    print(f"io_uring usable: {'yes' if u['usable'] else 'no'}")
+    if not u['usable']:
+        print(f"  why not: {u['reason']}")
+        print("  kbloop.new_event_loop() falls back to asyncio's loop (with a warning)")
+    else:
+        print(f"  ring set-up: {', '.join(u['setup_flags'])}")
+        print(f"  features in use: {', '.join(u['features'])}")
+        missing = [k for k, v in u['opcodes'].items() if not v]
+        print(f"  opcodes missing: {', '.join(missing) or 'none'}")
+    print(f"default backend: {data['default_backend']}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['info']:
+        _print_info('--json' in argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(prog='python -m kbloop', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--backend', choices=kbloop.BACKENDS, default=None)
+    parser.add_argument('-m', dest='module', help='run a library module as a script')
+    parser.add_argument('script', nargs='?')
+    parser.add_argument('args', nargs=argparse.REMAINDER)
+    opts = parser.parse_args(argv)
+    if opts.module is None and opts.script is None:
+        parser.error('give a script, -m module, or "info"')
+    if opts.backend:
+        os.environ['KBLOOP_BACKEND'] = opts.backend
+    # asyncio.run()/new_event_loop() in the program now create kbloop loops.
+    import asyncio
+    asyncio.set_event_loop_policy(kbloop.EventLoopPolicy())
+    if opts.module is not None:
+        rest = ([opts.script] if opts.script else []) + opts.args
+        sys.argv = [opts.module] + rest
+        runpy.run_module(opts.module, run_name='__main__', alter_sys=True)
+    else:
+        sys.argv = [opts.script] + opts.args
+        sys.path.insert(0, os.path.dirname(os.path.abspath(opts.script)))
+        runpy.run_path(opts.script, run_name='__main__')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,79 @@
+# cython: language_level=3, cdivision=True
+"""kbloop's compiled core: the loop, the transports and the datapaths, in one module.
+
+The pieces live in their own files (included below) so that the layout shows the architecture:
+  loop/        the device-agnostic loop core (handles, the iteration step, servers)
+  transports/  stream transports written once against the datapath contract
+  datapath.pxi the contract itself
+  uring/       the io_uring datapath (liburing)
+"""
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memset
+cdef extern from "<errno.h>":
+    int ECANCELED, ENOBUFS, EINTR, EEXIST, EBUSY, EAGAIN, EBADF
+from posix.unistd cimport close, write
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+
+from kbloop_ext.uring.liburing cimport *
+
+cdef extern from "<sys/eventfd.h>":
+    int eventfd(unsigned int initval, int flags)
+    int EFD_CLOEXEC
+
+cdef extern from "<sys/socket.h>":
+    int MSG_NOSIGNAL
+    int SHUT_WR, SHUT_RDWR
+
+cdef extern from "<poll.h>":
+    int POLLIN, POLLOUT
+
+import collections.abc
+import concurrent.futures
+import errno
+import itertools
+import logging
+import os
+import selectors
+import stat
+import sys
+import threading
+import time
+import warnings
+import weakref
+from contextvars import copy_context
+from heapq import heappush, heappop, heapify
+from socket import (socket as socket_socket, inet_pton, if_nametoindex, AF_INET, AF_INET6,
+                    AF_UNIX, AF_UNSPEC, AI_PASSIVE, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC,
+                    SOL_SOCKET, SO_REUSEADDR, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
+                    TCP_NODELAY)
+from struct import pack as struct_pack
+
+from asyncio import (base_events, constants, coroutines, events, exceptions, format_helpers,
+                     futures, protocols, sslproto, tasks, transports, trsock)
+
+logger = logging.getLogger('asyncio')
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested datapath cannot run on this machine; the message says why."""
+
+
+# Forward declarations: the included files refer to each other's classes.
+cdef class _CoreLoop
+cdef class Datapath
+cdef class StreamCore
+cdef class Listener
+cdef class FdWatch
+
+include "loop/handles.pxi"
+include "datapath.pxi"
+include "transports/stream.pxi"
+include "uring/datapath.pxi"
+include "uring/probe.pxi"
+include "loop/loop.pxi"
+include "loop/server.pxi"

@@ -1,0 +1,84 @@
+# The datapath contract: what every device (io_uring now; DPDK and RDMA later) provides to the
+# loop core and the transports.  docs/architecture.md explains it in prose.
+#
+# Completion model: the transports and the loop ask for operations; the datapath queues them,
+# submits everything queued in one batch per loop iteration (poll), and reports each result by
+# calling back into the object that asked:
+#
+#   Listener      ._on_accept(fd)        ._on_accept_error(errno)
+#   StreamCore    ._on_data(ptr, n)      ._on_eof()   ._on_recv_error(errno)   ._on_recv_done()
+#                 ._on_sent(nbytes)      ._on_send_error(errno)
+#   future ops    the asyncio future is resolved (result or OSError); cancelling the future
+#                 cancels the operation in the device
+#   fd watchers   the reader/writer Handle is scheduled (level-triggered, as asyncio's)
+#
+# Buffer ownership: received bytes live in the datapath's registered pool and are lent to
+# _on_data only for the duration of the call (the transport copies them into bytes or into a
+# BufferedProtocol's buffer); the buffer returns to the device right after.  Sent data is owned
+# by the transport's write queue until the datapath takes a batch of it with take_batch(); from
+# then on the datapath holds the objects (and their buffer exports) until the completion.
+
+
+cdef class Datapath:
+    """Abstract device datapath.  Subclasses implement every method."""
+    cdef readonly str name
+    cdef _CoreLoop loop
+
+    cdef int poll(self, int64_t timeout_ns) except -1:
+        """Submit queued operations, wait up to timeout_ns (<0 forever, 0 not at all) for
+        completions and dispatch them.  Returns the number of completions dispatched."""
+        raise NotImplementedError
+
+    cdef void close(self):
+        pass
+
+    # -- streams ------------------------------------------------------------------------
+    cdef int listen(self, Listener listener) except -1:
+        raise NotImplementedError
+
+    cdef int unlisten(self, Listener listener) except -1:
+        raise NotImplementedError
+
+    cdef int recv_start(self, StreamCore t) except -1:
+        raise NotImplementedError
+
+    cdef int recv_stop(self, StreamCore t) except -1:
+        raise NotImplementedError
+
+    cdef int send(self, StreamCore t) except -1:
+        """Send a batch of t's queued writes (at most one send in flight per transport)."""
+        raise NotImplementedError
+
+    cdef int shutdown_write(self, StreamCore t) except -1:
+        raise NotImplementedError
+
+    cdef int close_fd(self, int fd) except -1:
+        """Cancel every operation still pending on fd, then close it."""
+        raise NotImplementedError
+
+    # -- one-shot operations resolving a future (sock_* and connect) ---------------------
+    cdef object sock_connect(self, object fut, int fd, bytes sockaddr, object address):
+        raise NotImplementedError
+
+    cdef object sock_accept(self, object fut, object sock):
+        raise NotImplementedError
+
+    cdef object sock_recv(self, object fut, int fd, object buf, bint into):
+        raise NotImplementedError
+
+    cdef object sock_send(self, object fut, int fd, object data):
+        raise NotImplementedError
+
+    # -- readiness, for add_reader/add_writer --------------------------------------------
+    cdef int watch_fd(self, FdWatch w) except -1:
+        raise NotImplementedError
+
+    cdef int unwatch_fd(self, FdWatch w) except -1:
+        raise NotImplementedError
+
+    # -- cross-thread wake-up ------------------------------------------------------------
+    cdef void wakeup(self) noexcept nogil:
+        pass
+
+    cdef dict stats(self):
+        return {}

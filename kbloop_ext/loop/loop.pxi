@@ -1,0 +1,597 @@
+# The loop core: ready queue, timer heap, the iteration step, fd watches, sock_* operations and
+# servers.  Device-agnostic: all I/O goes through self._dp (a Datapath).
+#
+# kbloop.Loop is a Python subclass of _CoreLoop *and* asyncio.BaseEventLoop.  _CoreLoop comes
+# first in the MRO and implements everything on the hot path and everything that touches I/O;
+# the cold, device-independent parts (exception handler, task factory, executors, asyncgen
+# shutdown, getaddrinfo, create_connection's address logic, start_tls...) are inherited from
+# asyncio unchanged, so they behave exactly as asyncio's do.
+
+cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
+cdef double MAXIMUM_TIMEOUT = 24 * 3600
+
+
+cdef inline double _monotonic():
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class _CoreLoop:
+    cdef:
+        public bint _stopping
+        public bint _closed
+        public bint _debug
+        public object _thread_id
+        public Py_ssize_t _timer_cancelled_count
+        public double _clock_resolution
+        list _ready
+        list _scheduled
+        list _flush_queue        # transports with writes to submit this iteration
+        list _rearm_watches      # fd watches whose callback ran: re-arm (level-triggered)
+        dict _readers, _writers  # fd -> FdWatch
+        dict _listeners          # listening fd -> Listener
+        readonly Datapath _dp
+        uint64_t _iterations
+
+    def __init__(self, Datapath datapath not None):
+        self._dp = datapath
+        datapath.loop = self
+        self._ready = []
+        self._scheduled = []
+        self._flush_queue = []
+        self._rearm_watches = []
+        self._readers = {}
+        self._writers = {}
+        self._listeners = {}
+        self._clock_resolution = time.get_clock_info('monotonic').resolution
+        # State that the methods inherited from asyncio.BaseEventLoop read and write.
+        self._default_executor = None
+        self._internal_fds = 0
+        self._exception_handler = None
+        self._current_handle = None
+        self._task_factory = None
+        self._coroutine_origin_tracking_enabled = False
+        self._coroutine_origin_tracking_saved_depth = None
+        self._asyncgens = weakref.WeakSet()
+        self._asyncgens_shutdown_called = False
+        self._executor_shutdown_called = False
+        self.slow_callback_duration = 0.1
+        self.set_debug(coroutines._is_debug_mode())
+
+    def __repr__(self):
+        return (f'<{type(self).__name__} backend={self._dp.name} running={self.is_running()} '
+                f'closed={self._closed} debug={self._debug}>')
+
+    # -- scheduling -------------------------------------------------------------------------
+    def time(self):
+        return _monotonic()
+
+    def call_soon(self, callback, *args, context=None):
+        if self._closed:
+            raise RuntimeError('Event loop is closed')
+        if self._debug:
+            self._check_thread()
+            self._check_callback(callback, 'call_soon')
+        handle = Handle(callback, args, self, context)
+        if handle._source_traceback:
+            del handle._source_traceback[-1]
+        self._ready.append(handle)
+        return handle
+
+    def _call_soon(self, callback, args, context):
+        handle = Handle(callback, args, self, context)
+        if handle._source_traceback:
+            del handle._source_traceback[-1]
+        self._ready.append(handle)
+        return handle
+
+    def call_later(self, delay, callback, *args, context=None):
+        if delay is None:
+            raise TypeError('delay must not be None')
+        timer = self.call_at(_monotonic() + delay, callback, *args, context=context)
+        if timer._source_traceback:
+            del timer._source_traceback[-1]
+        return timer
+
+    def call_at(self, when, callback, *args, context=None):
+        if when is None:
+            raise TypeError('when cannot be None')
+        if self._closed:
+            raise RuntimeError('Event loop is closed')
+        if self._debug:
+            self._check_thread()
+            self._check_callback(callback, 'call_at')
+        cdef TimerHandle timer = TimerHandle(when, callback, args, self, context)
+        if timer._source_traceback:
+            del timer._source_traceback[-1]
+        heappush(self._scheduled, timer)
+        timer._scheduled = True
+        return timer
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if self._closed:
+            raise RuntimeError('Event loop is closed')
+        if self._debug:
+            self._check_callback(callback, 'call_soon_threadsafe')
+        handle = Handle(callback, args, self, context)
+        if handle._source_traceback:
+            del handle._source_traceback[-1]
+        self._ready.append(handle)
+        self._dp.wakeup()
+        return handle
+
+    def _write_to_self(self):
+        self._dp.wakeup()
+
+    def _timer_handle_cancelled(self, TimerHandle handle):
+        if handle._scheduled:
+            self._timer_cancelled_count += 1
+
+    # -- running ----------------------------------------------------------------------------
+    def run_forever(self):
+        self._check_closed()
+        self._check_running()
+        self._set_coroutine_origin_tracking(self._debug)
+        old_agen_hooks = sys.get_asyncgen_hooks()
+        try:
+            self._thread_id = threading.get_ident()
+            sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
+                                   finalizer=self._asyncgen_finalizer_hook)
+            events._set_running_loop(self)
+            while True:
+                self._run_once()
+                if self._stopping:
+                    break
+        finally:
+            self._stopping = False
+            self._thread_id = None
+            events._set_running_loop(None)
+            self._set_coroutine_origin_tracking(False)
+            sys.set_asyncgen_hooks(*old_agen_hooks)
+
+    def stop(self):
+        self._stopping = True
+
+    def is_running(self):
+        return self._thread_id is not None
+
+    def is_closed(self):
+        return self._closed
+
+    def close(self):
+        if self._thread_id is not None:
+            raise RuntimeError('Cannot close a running event loop')
+        if self._closed:
+            return
+        if self._debug:
+            logger.debug('Close %r', self)
+        self._closed = True
+        self._ready.clear()
+        self._scheduled.clear()
+        self._flush_queue.clear()
+        self._executor_shutdown_called = True
+        executor = self._default_executor
+        if executor is not None:
+            self._default_executor = None
+            executor.shutdown(wait=False)
+        for listener in self._listeners.values():
+            (<Listener>listener).active = False
+        self._listeners.clear()
+        self._readers.clear()
+        self._writers.clear()
+        self._dp.close()
+
+    cpdef _run_once(self):
+        cdef list sched = self._scheduled
+        cdef list todo
+        cdef TimerHandle timer
+        cdef Handle handle
+        cdef Py_ssize_t n = len(sched), i = 0, ntodo
+        cdef double end, timeout, t0, dt
+        cdef int64_t timeout_ns
+
+        # Drop cancelled timers: rebuild when they dominate, else pop them off the top.
+        if n > MIN_SCHEDULED_TIMER_HANDLES and self._timer_cancelled_count * 2 > n:
+            kept = []
+            for timer in sched:
+                if timer._cancelled:
+                    timer._scheduled = False
+                else:
+                    kept.append(timer)
+            heapify(kept)
+            self._scheduled = sched = kept
+            self._timer_cancelled_count = 0
+        else:
+            while sched and (<TimerHandle>sched[0])._cancelled:
+                self._timer_cancelled_count -= 1
+                timer = heappop(sched)
+                timer._scheduled = False
+
+        if self._ready or self._stopping:
+            timeout_ns = 0
+        elif sched:
+            timeout = (<TimerHandle>sched[0])._when - _monotonic()
+            if timeout <= 0:
+                timeout_ns = 0
+            else:
+                timeout_ns = <int64_t>(min(timeout, MAXIMUM_TIMEOUT) * 1e9) + 1
+        else:
+            timeout_ns = -1
+
+        self._submit_queued()
+        self._dp.poll(timeout_ns)
+        self._iterations += 1
+
+        end = _monotonic() + self._clock_resolution
+        while sched:
+            timer = sched[0]
+            if timer._when >= end:
+                break
+            heappop(sched)
+            timer._scheduled = False
+            self._ready.append(timer)
+
+        # Run what is ready now; what these callbacks schedule runs next iteration.
+        ntodo = len(self._ready)
+        if ntodo == 0:
+            return
+        todo = self._ready
+        self._ready = []
+        try:
+            if not self._debug:
+                for i in range(ntodo):
+                    handle = todo[i]
+                    if not handle._cancelled:
+                        handle._run()
+            else:
+                for i in range(ntodo):
+                    handle = todo[i]
+                    if handle._cancelled:
+                        continue
+                    self._current_handle = handle
+                    t0 = _monotonic()
+                    handle._run()
+                    dt = _monotonic() - t0
+                    if dt >= self.slow_callback_duration:
+                        logger.warning('Executing %s took %.3f seconds',
+                                       base_events._format_handle(handle), dt)
+                    self._current_handle = None
+        except BaseException:
+            # KeyboardInterrupt/SystemExit out of a callback: keep the rest queued, as asyncio.
+            self._ready[0:0] = todo[i + 1:]
+            self._current_handle = None
+            raise
+
+    cdef _submit_queued(self):
+        """Queue this iteration's gathered writes and fd-watch re-arms on the datapath."""
+        cdef list queue
+        cdef FdWatch w
+        if self._flush_queue:
+            queue = self._flush_queue
+            self._flush_queue = []
+            for t in queue:
+                (<StreamCore>t)._flush()
+        if self._rearm_watches:
+            queue = self._rearm_watches
+            self._rearm_watches = []
+            for w in queue:
+                if w.armed or w.handle is None or w.handle._cancelled:
+                    continue
+                table = self._readers if w.events == POLLIN else self._writers
+                if table.get(w.fd) is w:
+                    w.armed = True
+                    self._dp.watch_fd(w)
+
+    # -- executor: same as asyncio's, but our threads are named kbloop_N ------------------
+    def run_in_executor(self, executor, func, *args):
+        if (executor is None and self._default_executor is None
+                and not self._executor_shutdown_called and not self._closed):
+            self._default_executor = concurrent.futures.ThreadPoolExecutor(
+                thread_name_prefix='kbloop')
+        return base_events.BaseEventLoop.run_in_executor(self, executor, func, *args)
+
+    # -- telemetry ----------------------------------------------------------------------------
+    def stats(self):
+        """Counters of this loop and its datapath (submissions, completions, enters...)."""
+        d = self._dp.stats()
+        d['iterations'] = self._iterations
+        d['backend'] = self._dp.name
+        return d
+
+    @property
+    def backend(self):
+        return self._dp.name
+
+    # -- fd watches (add_reader / add_writer) -------------------------------------------------
+    cdef _add_watch(self, dict table, int events, fd, callback, args):
+        self._check_closed()
+        fd = selectors._fileobj_to_fd(fd)
+        handle = Handle(callback, args, self, None)
+        cdef FdWatch w = table.get(fd)
+        if w is not None:
+            w.handle._cancelled = True
+            w.handle = handle
+            if not w.armed:
+                self._rearm_watches.append(w)
+            return
+        w = FdWatch(self, fd, events, handle)
+        table[fd] = w
+        w.armed = True
+        self._dp.watch_fd(w)
+
+    cdef _remove_watch(self, dict table, fd):
+        if self._closed:
+            return False
+        fd = selectors._fileobj_to_fd(fd)
+        cdef FdWatch w = table.pop(fd, None)
+        if w is None:
+            return False
+        w.handle.cancel()
+        if w.armed:
+            w.armed = False
+            self._dp.unwatch_fd(w)
+        return True
+
+    def add_reader(self, fd, callback, *args):
+        self._add_watch(self._readers, POLLIN, fd, callback, args)
+
+    def remove_reader(self, fd):
+        return self._remove_watch(self._readers, fd)
+
+    def add_writer(self, fd, callback, *args):
+        self._add_watch(self._writers, POLLOUT, fd, callback, args)
+
+    def remove_writer(self, fd):
+        return self._remove_watch(self._writers, fd)
+
+    # -- sock_* on the ring -------------------------------------------------------------------
+    cdef _check_sock(self, sock):
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError('the socket must be non-blocking')
+
+    async def sock_recv(self, sock, n):
+        self._check_sock(sock)
+        fut = self.create_future()
+        self._dp.sock_recv(fut, sock.fileno(), PyBytes_FromStringAndSize(NULL, n), False)
+        return await fut
+
+    async def sock_recv_into(self, sock, buf):
+        self._check_sock(sock)
+        fut = self.create_future()
+        self._dp.sock_recv(fut, sock.fileno(), buf, True)
+        return await fut
+
+    async def sock_sendall(self, sock, data):
+        self._check_sock(sock)
+        if not memoryview(data).nbytes:
+            return
+        fut = self.create_future()
+        self._dp.sock_send(fut, sock.fileno(), data)
+        return await fut
+
+    async def sock_connect(self, sock, address):
+        self._check_sock(sock)
+        if sock.family in (AF_INET, AF_INET6):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self)
+            _, _, _, _, address = resolved[0]
+        sockaddr = _pack_sockaddr(sock.family, address)
+        fut = self.create_future()
+        self._dp.sock_connect(fut, sock.fileno(), sockaddr, address)
+        return await fut
+
+    async def sock_accept(self, sock):
+        self._check_sock(sock)
+        fut = self.create_future()
+        self._dp.sock_accept(fut, sock)
+        return await fut
+
+    # -- transports -----------------------------------------------------------------------------
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        return StreamCore(self, sock, protocol, waiter, extra, server)._facade
+
+    def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *,
+                            server_side=False, server_hostname=None, extra=None, server=None,
+                            ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
+                            call_connection_made=True):
+        ssl_protocol = sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+            call_connection_made=call_connection_made)
+        StreamCore(self, rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
+
+    def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100,
+                       ssl_handshake_timeout=None, ssl_shutdown_timeout=None):
+        cdef Listener listener = Listener(self, sock, protocol_factory, sslcontext, server,
+                                          ssl_handshake_timeout, ssl_shutdown_timeout)
+        self._listeners[listener.fd] = listener
+        listener.start()
+
+    def _stop_serving(self, sock):
+        cdef Listener listener = self._listeners.pop(sock.fileno(), None)
+        if listener is not None:
+            listener.stop()
+        sock.close()
+
+    async def create_server(self, protocol_factory, host=None, port=None, *,
+                            family=AF_UNSPEC, flags=AI_PASSIVE, sock=None, backlog=100,
+                            ssl=None, reuse_address=None, reuse_port=None,
+                            ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
+                            start_serving=True):
+        _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if sock is not None:
+            base_events._check_ssl_socket(sock)
+        if host is not None or port is not None:
+            if sock is not None:
+                raise ValueError('host/port and sock can not be specified at the same time')
+            if reuse_address is None:
+                reuse_address = True
+            sockets = await self._bind_listening(host, port, family, flags, reuse_address,
+                                                 reuse_port)
+        else:
+            if sock is None:
+                raise ValueError('Neither host/port nor sock were specified')
+            if sock.type != SOCK_STREAM:
+                raise ValueError(f'A Stream Socket was expected, got {sock!r}')
+            sockets = [sock]
+        for s in sockets:
+            s.setblocking(False)
+        server = Server(self, sockets, protocol_factory, ssl, backlog,
+                        ssl_handshake_timeout, ssl_shutdown_timeout)
+        if start_serving:
+            server._start_serving()
+            await tasks.sleep(0)
+        if self._debug:
+            logger.info('%r is serving', server)
+        return server
+
+    async def _bind_listening(self, host, port, family, flags, reuse_address, reuse_port):
+        if host == '':
+            hosts = [None]
+        elif isinstance(host, str) or not isinstance(host, collections.abc.Iterable):
+            hosts = [host]
+        else:
+            hosts = host
+        infos = await tasks.gather(*[
+            self._create_server_getaddrinfo(h, port, family, flags) for h in hosts])
+        sockets = []
+        try:
+            for af, socktype, proto, _, sa in set(itertools.chain.from_iterable(infos)):
+                try:
+                    s = socket_socket(af, socktype, proto)
+                except OSError:
+                    if self._debug:
+                        logger.warning('create_server() failed to create socket.socket(%r, %r, %r)',
+                                       af, socktype, proto, exc_info=True)
+                    continue
+                sockets.append(s)
+                if reuse_address:
+                    s.setsockopt(SOL_SOCKET, SO_REUSEADDR, True)
+                if reuse_port:
+                    base_events._set_reuseport(s)
+                if af == AF_INET6:
+                    s.setsockopt(IPPROTO_IPV6, IPV6_V6ONLY, True)
+                try:
+                    s.bind(sa)
+                except OSError as err:
+                    raise OSError(err.errno, 'error while attempting to bind on address %r: %s'
+                                  % (sa, err.strerror.lower())) from None
+        except BaseException:
+            for s in sockets:
+                s.close()
+            raise
+        return sockets
+
+    async def create_unix_server(self, protocol_factory, path=None, *, sock=None, backlog=100,
+                                 ssl=None, ssl_handshake_timeout=None,
+                                 ssl_shutdown_timeout=None, start_serving=True):
+        _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if path is not None:
+            if sock is not None:
+                raise ValueError('path and sock can not be specified at the same time')
+            path = os.fspath(path)
+            sock = socket_socket(AF_UNIX, SOCK_STREAM)
+            if path[0] not in (0, '\x00'):
+                # A stale socket file from an earlier run would make bind() fail.
+                try:
+                    if stat.S_ISSOCK(os.stat(path).st_mode):
+                        os.remove(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    logger.error('Unable to check or remove stale UNIX socket %r: %r', path, err)
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(errno.EADDRINUSE, f'Address {path!r} is already in use') from None
+                raise
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError('path was not specified, and no sock specified')
+            if sock.family != AF_UNIX or sock.type != SOCK_STREAM:
+                raise ValueError(f'A UNIX Domain Stream Socket was expected, got {sock!r}')
+        sock.setblocking(False)
+        server = Server(self, [sock], protocol_factory, ssl, backlog,
+                        ssl_handshake_timeout, ssl_shutdown_timeout)
+        if start_serving:
+            server._start_serving()
+            await tasks.sleep(0)
+        return server
+
+    async def create_unix_connection(self, protocol_factory, path=None, *, ssl=None, sock=None,
+                                     server_hostname=None, ssl_handshake_timeout=None,
+                                     ssl_shutdown_timeout=None):
+        assert server_hostname is None or isinstance(server_hostname, str)
+        if ssl:
+            if server_hostname is None:
+                raise ValueError('you have to pass server_hostname when using ssl')
+        else:
+            if server_hostname is not None:
+                raise ValueError('server_hostname is only meaningful with ssl')
+            _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if path is not None:
+            if sock is not None:
+                raise ValueError('path and sock can not be specified at the same time')
+            path = os.fspath(path)
+            sock = socket_socket(AF_UNIX, SOCK_STREAM, 0)
+            try:
+                sock.setblocking(False)
+                await self.sock_connect(sock, path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError('no path and sock were specified')
+            if sock.family != AF_UNIX or sock.type != SOCK_STREAM:
+                raise ValueError(f'A UNIX Domain Stream Socket was expected, got {sock!r}')
+            sock.setblocking(False)
+        return await self._create_connection_transport(
+            sock, protocol_factory, ssl, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout)
+
+
+cdef _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout):
+    if isinstance(ssl, bool):
+        raise TypeError('ssl argument must be an SSLContext or None')
+    if ssl_handshake_timeout is not None and ssl is None:
+        raise ValueError('ssl_handshake_timeout is only meaningful with ssl')
+    if ssl_shutdown_timeout is not None and ssl is None:
+        raise ValueError('ssl_shutdown_timeout is only meaningful with ssl')
+
+
+cdef bytes _pack_sockaddr(int family, address):
+    """The C struct sockaddr for a Python socket address (the kernel reads it at submit)."""
+    if family == AF_INET:
+        host, port = address
+        return (struct_pack('=H', AF_INET) + struct_pack('!H', port)
+                + inet_pton(AF_INET, host) + b'\0' * 8)
+    if family == AF_INET6:
+        host, port = address[0], address[1]
+        flowinfo = address[2] if len(address) > 2 else 0
+        scope_id = address[3] if len(address) > 3 else 0
+        if '%' in host:
+            host, _, scope = host.partition('%')
+            scope_id = scope_id or if_nametoindex(scope)
+        return (struct_pack('=H', AF_INET6) + struct_pack('!HI', port, flowinfo)
+                + inet_pton(AF_INET6, host) + struct_pack('=I', scope_id))
+    if family == AF_UNIX:
+        path = os.fsencode(address) if isinstance(address, str) else bytes(address)
+        if not path:
+            raise OSError(errno.EINVAL, 'empty AF_UNIX address')
+        if path[0] != 0:
+            path += b'\0'
+        if len(path) > 108:
+            raise OSError(errno.ENAMETOOLONG, 'AF_UNIX path too long')
+        return struct_pack('=H', AF_UNIX) + path
+    raise OSError(errno.EAFNOSUPPORT, f'address family {family} is not supported by kbloop')

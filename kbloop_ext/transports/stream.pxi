@@ -1,0 +1,606 @@
+# Stream transports (TCP and Unix), written once against the datapath contract.
+#
+# StreamCore is the engine; SocketTransport (a Python subclass of asyncio.Transport, so that
+# isinstance() checks in user code hold) is the object protocols see, and forwards to it.
+# Semantics follow asyncio's proactor transports: writes are queued and sent in one gathered
+# send per loop iteration; close() flushes the queue first; abort() drops it.
+
+cdef int LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+cdef Py_ssize_t DEFAULT_HIGH_WATER = 64 * 1024
+
+
+cdef class StreamCore:
+    cdef:
+        _CoreLoop _loop
+        Datapath _dp
+        readonly object _sock
+        readonly int _fd
+        object _protocol
+        object _facade
+        object _server
+        dict _extra
+        bint _is_buffered        # protocol is a BufferedProtocol: copy into its buffer
+        bint _closing
+        bint _eof_written        # write_eof() called
+        bint _shut_wr_done       # SHUT_WR submitted
+        bint _eof_received
+        bint _paused_reading
+        bint _protocol_paused    # we called protocol.pause_writing()
+        bint _lost_scheduled     # connection_lost() is on the ready queue
+        bint _called_lost
+        int _conn_lost
+        # receive side
+        bint _recv_armed         # a receive operation is outstanding in the datapath
+        bint _recv_stopping      # ... and we asked the datapath to stop it
+        list _stash              # bytes that arrived after pause_reading(), delivered on resume
+        bint _stash_eof
+        # send side
+        list _wbuf               # queued bytes/memoryview objects not yet handed to the datapath
+        Py_ssize_t _wbuf_size    # bytes queued + in flight (asyncio's write buffer size)
+        bint _send_inflight
+        bint _flush_queued       # on the loop's per-iteration flush list
+        Py_ssize_t _high_water, _low_water
+        public object _dp_state  # datapath-private per-transport state (its ops)
+
+    def __init__(self, _CoreLoop loop, sock, protocol, waiter=None, extra=None, server=None):
+        self._loop = loop
+        self._dp = loop._dp
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._wbuf = []
+        self._stash = []
+        self._high_water = DEFAULT_HIGH_WATER
+        self._low_water = DEFAULT_HIGH_WATER // 4
+        self._extra = {} if extra is None else dict(extra)
+        self._extra['socket'] = trsock.TransportSocket(sock)
+        try:
+            self._extra['sockname'] = sock.getsockname()
+        except OSError:
+            self._extra['sockname'] = None
+        if 'peername' not in self._extra:
+            try:
+                self._extra['peername'] = sock.getpeername()
+            except OSError:
+                self._extra['peername'] = None
+        self._facade = SocketTransport(self)
+        self._set_protocol(protocol)
+        self._server = server
+        if server is not None:
+            server._attach(self._facade)
+        if sock.family != AF_UNIX:
+            _set_nodelay(sock)
+        loop.call_soon(protocol.connection_made, self._facade)
+        loop.call_soon(self._start_reading)
+        if waiter is not None:
+            loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+
+    cdef _set_protocol(self, protocol):
+        self._protocol = protocol
+        self._is_buffered = isinstance(protocol, protocols.BufferedProtocol)
+
+    def __repr__(self):
+        state = 'closing' if self._closing else ('closed' if self._sock is None else 'open')
+        return f'<kbloop StreamCore fd={self._fd} {state}>'
+
+    # -- receive side ---------------------------------------------------------------------
+    def _start_reading(self):
+        if not self._closing and not self._paused_reading and not self._recv_armed:
+            self._recv_armed = True
+            self._recv_stopping = False
+            self._dp.recv_start(self)
+
+    cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
+        """n bytes arrived in a pool buffer lent for this call only."""
+        if self._closing or self._called_lost:
+            return
+        if self._paused_reading or self._stash:
+            self._stash.append(PyBytes_FromStringAndSize(ptr, n))
+            return
+        try:
+            if self._is_buffered:
+                self._feed_buffered(ptr, n)
+            else:
+                self._protocol.data_received(PyBytes_FromStringAndSize(ptr, n))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+
+    cdef _feed_buffered(self, const char *ptr, Py_ssize_t n):
+        cdef Py_buffer view
+        cdef Py_ssize_t m
+        while n > 0:
+            if self._paused_reading:    # paused from inside buffer_updated(): keep the rest
+                self._stash.append(PyBytes_FromStringAndSize(ptr, n))
+                return
+            buf = self._protocol.get_buffer(n)
+            PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+            try:
+                if view.len == 0:
+                    raise RuntimeError('get_buffer() returned an empty buffer')
+                m = view.len if view.len < n else n
+                memcpy(view.buf, ptr, m)
+            finally:
+                PyBuffer_Release(&view)
+            self._protocol.buffer_updated(m)
+            ptr += m
+            n -= m
+
+    cdef void _on_eof(self) except *:
+        self._recv_armed = False
+        if self._closing or self._called_lost:
+            return
+        if self._paused_reading or self._stash:
+            self._stash_eof = True
+            return
+        self._deliver_eof()
+
+    cdef _deliver_eof(self):
+        self._eof_received = True
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, 'Fatal error: protocol.eof_received() call failed.')
+            return
+        if not keep_open:
+            self.close()
+
+    cdef void _on_recv_error(self, int err) except *:
+        self._recv_armed = False
+        if self._closing or self._called_lost:
+            return
+        exc = OSError(err, os.strerror(err))
+        self._fatal_error(exc, 'Fatal read error on socket transport')
+
+    cdef void _on_recv_done(self) except *:
+        """The receive operation ended without an error (stopped, or the device ended it):
+        re-arm it if we still want data."""
+        self._recv_armed = False
+        self._recv_stopping = False
+        if not self._eof_received and not self._stash_eof:
+            self._start_reading()
+
+    def _deliver_stash(self):
+        """Hand data kept during a pause to the protocol (scheduled by resume_reading)."""
+        cdef bytes data
+        while self._stash and not self._paused_reading and not self._closing:
+            data = self._stash.pop(0)
+            try:
+                if self._is_buffered:
+                    self._feed_buffered(PyBytes_AS_STRING(data), len(data))
+                else:
+                    self._protocol.data_received(data)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+                return
+        if not self._stash and self._stash_eof and not self._paused_reading and not self._closing:
+            self._stash_eof = False
+            self._deliver_eof()
+
+    def pause_reading(self):
+        if self._closing or self._paused_reading:
+            return
+        self._paused_reading = True
+        if self._recv_armed and not self._recv_stopping:
+            self._recv_stopping = True
+            self._dp.recv_stop(self)
+        if self._loop._debug:
+            logger.debug('%r pauses reading', self)
+
+    def resume_reading(self):
+        if self._closing or not self._paused_reading:
+            return
+        self._paused_reading = False
+        if self._stash or self._stash_eof:
+            self._loop.call_soon(self._deliver_stash)
+        if not self._eof_received and not self._stash_eof:
+            self._start_reading()
+        if self._loop._debug:
+            logger.debug('%r resumes reading', self)
+
+    def is_reading(self):
+        return not self._paused_reading and not self._closing
+
+    # -- send side ------------------------------------------------------------------------
+    cpdef write(self, data):
+        if type(data) is not bytes:
+            data = _as_sendable(data)
+        if self._eof_written:
+            raise RuntimeError('Cannot call write() after write_eof()')
+        if not data:
+            return
+        if self._conn_lost:
+            if self._conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning('socket.send() raised exception.')
+            self._conn_lost += 1
+            return
+        self._wbuf.append(data)
+        self._wbuf_size += len(data)
+        self._queue_flush()
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data):
+        for data in list_of_data:
+            self.write(data)
+
+    cdef inline void _queue_flush(self):
+        if not self._flush_queued and not self._send_inflight:
+            self._flush_queued = True
+            self._loop._flush_queue.append(self)
+
+    cdef _flush(self):
+        """Called once per loop iteration, before the datapath submits: one gathered send."""
+        self._flush_queued = False
+        if self._send_inflight or self._sock is None:
+            return
+        if self._wbuf:
+            self._send_inflight = True
+            self._dp.send(self)
+        elif self._eof_written and not self._shut_wr_done:
+            self._shut_wr_done = True
+            self._dp.shutdown_write(self)
+
+    cdef list take_batch(self):
+        """For the datapath: hand over the queued writes (it holds them until completion)."""
+        batch = self._wbuf
+        self._wbuf = []
+        return batch
+
+    cdef void _on_sent(self, Py_ssize_t nbytes, list unsent) except *:
+        """The datapath's send completed; `unsent` is what it could not send, in order."""
+        self._send_inflight = False
+        self._wbuf_size -= nbytes
+        if unsent:
+            self._wbuf[0:0] = unsent
+        if self._sock is None:
+            return
+        if self._wbuf or (self._eof_written and not self._shut_wr_done):
+            self._queue_flush()
+        elif self._closing and not self._lost_scheduled:
+            self._schedule_connection_lost(None)
+        self._maybe_resume_protocol()
+
+    cdef void _on_send_error(self, int err, list unsent) except *:
+        self._send_inflight = False
+        self._wbuf.clear()
+        self._wbuf_size = 0
+        if self._called_lost:
+            return
+        exc = OSError(err, os.strerror(err))
+        self._fatal_error(exc, 'Fatal write error on socket transport')
+
+    cdef _maybe_pause_protocol(self):
+        if self._wbuf_size <= self._high_water or self._protocol_paused:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                'message': 'protocol.pause_writing() failed',
+                'exception': exc, 'transport': self._facade, 'protocol': self._protocol,
+            })
+
+    cdef _maybe_resume_protocol(self):
+        if self._protocol_paused and self._wbuf_size <= self._low_water:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._loop.call_exception_handler({
+                    'message': 'protocol.resume_writing() failed',
+                    'exception': exc, 'transport': self._facade, 'protocol': self._protocol,
+                })
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f'high ({high!r}) must be >= low ({low!r}) must be >= 0')
+        self._high_water = high
+        self._low_water = low
+        self._maybe_pause_protocol()
+
+    def get_write_buffer_limits(self):
+        return (self._low_water, self._high_water)
+
+    def get_write_buffer_size(self):
+        return self._wbuf_size
+
+    def write_eof(self):
+        if self._closing or self._eof_written:
+            return
+        self._eof_written = True
+        if not self._send_inflight:
+            self._queue_flush()
+
+    def can_write_eof(self):
+        return True
+
+    # -- closing --------------------------------------------------------------------------
+    def is_closing(self):
+        return self._closing
+
+    def close(self):
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_receiving()
+        if not self._wbuf and not self._send_inflight:
+            self._schedule_connection_lost(None)
+
+    def abort(self):
+        self._force_close(None)
+
+    cdef _stop_receiving(self):
+        if self._recv_armed and not self._recv_stopping:
+            self._recv_stopping = True
+            self._dp.recv_stop(self)
+        self._stash = []
+
+    cdef _fatal_error(self, exc, message):
+        if isinstance(exc, OSError):
+            if self._loop._debug:
+                logger.debug('%r: %s', self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler({
+                'message': message, 'exception': exc,
+                'transport': self._facade, 'protocol': self._protocol,
+            })
+        self._force_close(exc)
+
+    cdef _force_close(self, exc):
+        if self._lost_scheduled:
+            return
+        self._wbuf.clear()
+        self._wbuf_size = 0
+        if not self._closing:
+            self._closing = True
+            self._stop_receiving()
+        self._schedule_connection_lost(exc)
+
+    cdef _schedule_connection_lost(self, exc):
+        self._lost_scheduled = True
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc):
+        if self._called_lost:
+            return
+        self._called_lost = True
+        try:
+            if self._protocol is not None:
+                self._protocol.connection_lost(exc)
+        finally:
+            sock = self._sock
+            if sock is not None:
+                self._sock = None
+                fd = sock.detach()
+                if fd >= 0:
+                    self._dp.close_fd(fd)
+            self._protocol = None
+            server = self._server
+            if server is not None:
+                self._server = None
+                server._detach(self._facade)
+            self._facade = None
+
+    # -- misc -----------------------------------------------------------------------------
+    def get_extra_info(self, name, default=None):
+        return self._extra.get(name, default)
+
+    def get_protocol(self):
+        return self._protocol
+
+    def set_protocol(self, protocol):
+        self._set_protocol(protocol)
+
+
+class SocketTransport(transports.Transport):
+    """The asyncio.Transport that protocols see; forwards to its StreamCore."""
+
+    def __init__(self, StreamCore core):
+        transports.Transport.__init__(self, None)
+        self._core = core
+        self._loop = core._loop    # asyncio's streams read transport._loop
+
+    def __repr__(self):
+        core = self._core
+        return f'<kbloop.SocketTransport fd={core._fd} {"closing" if core._closing else "open"}>'
+
+    def write(self, data):
+        (<StreamCore>self._core).write(data)
+
+    def writelines(self, list_of_data):
+        cdef StreamCore core = self._core
+        for data in list_of_data:
+            core.write(data)
+
+    def write_eof(self):
+        self._core.write_eof()
+
+    def can_write_eof(self):
+        return True
+
+    def close(self):
+        self._core.close()
+
+    def abort(self):
+        self._core.abort()
+
+    def is_closing(self):
+        return (<StreamCore>self._core)._closing
+
+    def get_extra_info(self, name, default=None):
+        return (<StreamCore>self._core)._extra.get(name, default)
+
+    def pause_reading(self):
+        self._core.pause_reading()
+
+    def resume_reading(self):
+        self._core.resume_reading()
+
+    def is_reading(self):
+        return self._core.is_reading()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self._core.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self):
+        return self._core.get_write_buffer_limits()
+
+    def get_write_buffer_size(self):
+        return (<StreamCore>self._core)._wbuf_size
+
+    def get_protocol(self):
+        return (<StreamCore>self._core)._protocol
+
+    def set_protocol(self, protocol):
+        self._core.set_protocol(protocol)
+
+    @property
+    def _protocol_paused(self):      # read by asyncio.streams / base_events._SendfileFallback
+        return (<StreamCore>self._core)._protocol_paused
+
+    def __del__(self, _warn=warnings.warn):
+        cdef StreamCore core = self._core
+        if core is not None and core._sock is not None and not core._closing:
+            _warn(f'unclosed transport {self!r}', ResourceWarning, source=self)
+
+
+cdef object _as_sendable(data):
+    """bytes are sent as they are; read-only memoryviews too (the caller cannot change them).
+    Mutable buffers are copied once, as asyncio does, so that the caller may reuse them at
+    once after write() returns."""
+    if isinstance(data, memoryview):
+        if (<memoryview>data).readonly and (<memoryview>data).c_contiguous:
+            return data.cast('B') if (<memoryview>data).format != 'B' or (<memoryview>data).ndim != 1 else data
+        return bytes(data)
+    if isinstance(data, (bytearray,)):
+        return bytes(data)
+    raise TypeError(f'data argument must be a bytes-like object, not {type(data).__name__!r}')
+
+
+cdef _set_nodelay(sock):
+    if sock.family in (AF_INET, AF_INET6) and sock.type == SOCK_STREAM and sock.proto == IPPROTO_TCP:
+        sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+
+
+cdef class Listener:
+    """A listening socket whose accepted connections become transports (multishot accept)."""
+    cdef:
+        _CoreLoop _loop
+        readonly object sock
+        readonly int fd
+        object protocol_factory
+        object server
+        object sslcontext
+        object ssl_handshake_timeout, ssl_shutdown_timeout
+        bint active
+        public object _dp_state
+
+    def __init__(self, _CoreLoop loop, sock, protocol_factory, sslcontext, server,
+                 ssl_handshake_timeout, ssl_shutdown_timeout):
+        self._loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol_factory = protocol_factory
+        self.server = server
+        self.sslcontext = sslcontext
+        self.ssl_handshake_timeout = ssl_handshake_timeout
+        self.ssl_shutdown_timeout = ssl_shutdown_timeout
+
+    cdef start(self):
+        if not self.active:
+            self.active = True
+            self._loop._dp.listen(self)
+
+    cdef stop(self):
+        if self.active:
+            self.active = False
+            self._loop._dp.unlisten(self)
+
+    cdef void _on_accept(self, int fd) except *:
+        sock = self.sock
+        if not self.active:
+            os.close(fd)
+            return
+        conn = socket_socket(sock.family, sock.type | SOCK_NONBLOCK, sock.proto, fileno=fd)
+        try:
+            protocol = self.protocol_factory()
+            if self.sslcontext is not None:
+                self._loop._make_ssl_transport(
+                    conn, protocol, self.sslcontext, server_side=True, server=self.server,
+                    ssl_handshake_timeout=self.ssl_handshake_timeout,
+                    ssl_shutdown_timeout=self.ssl_shutdown_timeout)
+            else:
+                StreamCore(self._loop, conn, protocol, server=self.server)
+        except (SystemExit, KeyboardInterrupt):
+            conn.close()
+            raise
+        except BaseException as exc:
+            conn.close()
+            self._loop.call_exception_handler({
+                'message': 'Error on transport creation for incoming connection',
+                'exception': exc,
+            })
+
+    cdef void _on_accept_error(self, int err) except *:
+        if not self.active:
+            return
+        exc = OSError(err, os.strerror(err))
+        if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # As asyncio: log, stop accepting for a while, then resume.
+            self._loop.call_exception_handler({
+                'message': 'socket.accept() out of system resource',
+                'exception': exc, 'socket': trsock.TransportSocket(self.sock),
+            })
+            self.active = False
+            self._loop.call_later(constants.ACCEPT_RETRY_DELAY, self._retry)
+        elif err != errno.ECANCELED:
+            self._loop.call_exception_handler({
+                'message': 'Error accepting a connection', 'exception': exc,
+                'socket': trsock.TransportSocket(self.sock),
+            })
+
+    cdef void _on_accept_done(self) except *:
+        """Multishot accept ended (the device stopped it): re-arm while serving."""
+        if self.active:
+            self._loop._dp.listen(self)
+
+    def _retry(self):
+        if self.sock.fileno() >= 0 and self.server is not None and self.server.is_serving():
+            self.start()
+
+
+cdef class FdWatch:
+    """add_reader/add_writer registration: a Handle run (level-triggered) while fd is ready."""
+    cdef:
+        _CoreLoop _loop
+        readonly int fd
+        readonly int events     # POLLIN or POLLOUT
+        Handle handle
+        bint armed
+        public object _dp_state
+
+    def __init__(self, _CoreLoop loop, int fd, int events, Handle handle):
+        self._loop = loop
+        self.fd = fd
+        self.events = events
+        self.handle = handle
+
+    cdef void _on_ready(self) except *:
+        self.armed = False
+        if self.handle is not None and not self.handle._cancelled:
+            self._loop._ready.append(self.handle)
+            self._loop._rearm_watches.append(self)

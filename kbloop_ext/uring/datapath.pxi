@@ -1,0 +1,608 @@
+# The io_uring datapath: the contract of ../datapath.pxi on one ring per loop.
+#
+# Every in-flight operation is a UringOp object whose address is the SQE's user_data; the ring
+# holds one reference to it from submission until its last CQE (one without IORING_CQE_F_MORE).
+# Nothing here calls io_uring_submit per operation: SQEs accumulate until poll(), which makes at
+# most one io_uring_enter per loop iteration (kb_submit_and_wait).
+
+DEF CQE_BATCH = 128
+DEF MAX_IOV = 1024          # IOV_MAX
+DEF UDATA_TIMEOUT = 0xffffffffffffffff   # liburing's internal timeout SQE (pre-EXT_ARG kernels)
+
+cdef unsigned _SEND_FLAGS = MSG_NOSIGNAL
+
+
+cdef class UringOp:
+    cdef UringDatapath dp
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        pass
+
+    cdef void discard(self, int res, uint32_t flags):
+        """Completion that arrived while the datapath is closing: release, deliver nothing."""
+        pass
+
+
+cdef class RecvOp(UringOp):
+    cdef StreamCore t
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        cdef kb_ring *r = &self.dp.r
+        cdef unsigned bid
+        if flags & IORING_CQE_F_BUFFER:
+            bid = flags >> IORING_CQE_BUFFER_SHIFT
+            r.bufs_out += 1
+            try:
+                if res > 0:
+                    self.t._on_data(kb_buf_ptr(r, bid), res)
+            finally:
+                kb_buf_recycle(r, bid)
+            if not (flags & IORING_CQE_F_MORE):
+                self.t._on_recv_done()
+        elif res == 0:
+            self.t._on_eof()
+        elif res == -ECANCELED or res == -ENOBUFS:
+            self.t._on_recv_done()          # stopped by us, or the ring ran dry: re-arm later
+        elif res < 0:
+            self.t._on_recv_error(-res)
+        elif not (flags & IORING_CQE_F_MORE):
+            self.t._on_recv_done()
+
+    cdef void discard(self, int res, uint32_t flags):
+        if flags & IORING_CQE_F_BUFFER:
+            self.dp.r.bufs_out += 1
+            kb_buf_recycle(&self.dp.r, flags >> IORING_CQE_BUFFER_SHIFT)
+
+
+cdef class SendOp(UringOp):
+    """One gathered send (sendmsg over an iovec) of a transport's queued writes."""
+    cdef:
+        StreamCore t
+        list batch
+        Py_buffer *views
+        iovec *iov
+        msghdr msg
+        Py_ssize_t nviews, cap
+
+    def __dealloc__(self):
+        self._release()
+        PyMem_Free(self.views)
+        PyMem_Free(self.iov)
+
+    cdef void _release(self):
+        cdef Py_ssize_t i
+        for i in range(self.nviews):
+            PyBuffer_Release(&self.views[i])
+        self.nviews = 0
+
+    cdef prepare(self, list batch):
+        cdef Py_ssize_t i, n = len(batch)
+        if n > self.cap:
+            PyMem_Free(self.views)
+            PyMem_Free(self.iov)
+            self.views = <Py_buffer *>PyMem_Malloc(n * sizeof(Py_buffer))
+            self.iov = <iovec *>PyMem_Malloc(n * sizeof(iovec))
+            if self.views == NULL or self.iov == NULL:
+                self.cap = 0
+                raise MemoryError()
+            self.cap = n
+        for i in range(n):
+            PyObject_GetBuffer(batch[i], &self.views[i], PyBUF_SIMPLE)
+            self.nviews = i + 1
+            self.iov[i].iov_base = self.views[i].buf
+            self.iov[i].iov_len = self.views[i].len
+        self.batch = batch
+        memset(&self.msg, 0, sizeof(msghdr))
+        self.msg.msg_iov = self.iov
+        self.msg.msg_iovlen = n
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        cdef list batch = self.batch
+        cdef list unsent
+        cdef Py_ssize_t i, left, size
+        self.batch = None
+        self._release()
+        if res < 0:
+            self.t._on_send_error(-res, batch)
+            return
+        # Work out what the kernel did not take (a short send): those go back to the queue.
+        left = res
+        unsent = None
+        for i in range(len(batch)):
+            size = len(batch[i])
+            if left >= size:
+                left -= size
+                continue
+            unsent = batch[i:]
+            if left:
+                unsent[0] = memoryview(unsent[0])[left:]
+            break
+        self.t._on_sent(res, unsent)
+
+    cdef void discard(self, int res, uint32_t flags):
+        self.batch = None
+        self._release()
+
+
+cdef class AcceptOp(UringOp):
+    cdef Listener listener
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        if res >= 0:
+            self.listener._on_accept(res)
+        elif res != -ECANCELED:
+            self.listener._on_accept_error(-res)
+        if not (flags & IORING_CQE_F_MORE) and res != -ECANCELED:
+            if self.listener._dp_state is self:
+                self.listener._dp_state = None
+                self.listener._on_accept_done()
+
+    cdef void discard(self, int res, uint32_t flags):
+        if res >= 0:
+            os.close(res)
+
+
+cdef class WatchOp(UringOp):
+    cdef FdWatch w
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        if self.w._dp_state is self:
+            self.w._dp_state = None
+        if res >= 0 or res == -EBADF:
+            self.w._on_ready()      # the callback will see the error, as with a selector
+        elif res != -ECANCELED:
+            logger.debug('kbloop: poll on fd %d failed: %s', self.w.fd, os.strerror(-res))
+
+
+cdef class WakeOp(UringOp):
+    """Read of the eventfd that call_soon_threadsafe() writes to; re-armed at once."""
+    cdef uint64_t value
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        if self.dp.closing:
+            return
+        self.dp._arm_wakeup()
+
+
+cdef class FutureOp(UringOp):
+    """A one-shot operation resolving an asyncio future (sock_* and connect)."""
+    cdef:
+        object fut
+        int kind
+        int fd
+        object keep             # objects the kernel reads or writes (address, buffer)
+        object sock             # sock_accept: the listening socket (family/type/proto)
+        Py_buffer view
+        bint have_view
+        Py_ssize_t offset       # sock_sendall progress
+        bint pending
+
+    def __dealloc__(self):
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+
+    cdef void _release(self):
+        if self.have_view:
+            self.have_view = False
+            PyBuffer_Release(&self.view)
+
+    def _on_fut_done(self, fut):
+        if fut.cancelled() and self.pending:
+            self.dp._cancel_now(self)
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        cdef object fut = self.fut
+        self.pending = False
+        if self.kind == OP_ACCEPT:
+            if res >= 0:
+                s = self.sock
+                conn = socket_socket(s.family, s.type | SOCK_NONBLOCK, s.proto, fileno=res)
+                if fut.done():
+                    conn.close()
+                    return
+                try:
+                    addr = conn.getpeername()
+                except OSError:
+                    addr = None
+                fut.set_result((conn, addr))
+                return
+        elif self.kind == OP_SEND and res >= 0:
+            self.offset += res
+            if self.offset < self.view.len and not fut.done():
+                self.dp._sock_send_more(self)
+                return
+            self._release()
+            if not fut.done():
+                fut.set_result(None)
+            return
+        self._release()
+        if fut.done():
+            return
+        if res < 0:
+            if res == -ECANCELED:
+                fut.cancel()
+            elif self.kind == OP_CONNECT:
+                fut.set_exception(OSError(-res, f'Connect call failed {self.keep[1]}'))
+            else:
+                fut.set_exception(OSError(-res, os.strerror(-res)))
+        elif self.kind == OP_CONNECT:
+            fut.set_result(None)
+        elif self.kind == OP_RECV:
+            data = self.keep
+            fut.set_result(data if res == len(data) else data[:res])
+        else:                                   # OP_RECV_INTO
+            fut.set_result(res)
+
+    cdef void discard(self, int res, uint32_t flags):
+        self._release()
+        if self.kind == OP_ACCEPT and res >= 0:
+            os.close(res)
+
+
+cdef enum:
+    OP_CONNECT = 1
+    OP_ACCEPT = 2
+    OP_RECV = 3
+    OP_RECV_INTO = 4
+    OP_SEND = 5
+
+
+cdef class UringDatapath(Datapath):
+    cdef:
+        kb_ring r
+        bint opened, closing
+        int wake_fd
+        WakeOp wake_op
+        uint64_t n_sqes, n_cqes, n_enters, n_polls
+        Py_ssize_t inflight          # ops the ring holds a reference to
+        object enabled_thread
+
+    def __init__(self, unsigned entries=4096, unsigned nbufs=1024, unsigned bufsize=16384,
+                 bint allow_defer=True):
+        cdef char why[512]
+        cdef int ret
+        why[0] = 0
+        self.name = 'io_uring'
+        self.wake_fd = -1
+        ret = kb_ring_open(&self.r, entries, entries * 4, allow_defer, why, sizeof(why))
+        if ret:
+            raise BackendUnavailable(why.decode())
+        self.opened = True
+        ret = kb_bufring_setup(&self.r, nbufs, bufsize, 0, why, sizeof(why))
+        if ret:
+            kb_ring_close(&self.r)
+            self.opened = False
+            raise BackendUnavailable(why.decode())
+        self.wake_fd = eventfd(0, EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            kb_ring_close(&self.r)
+            self.opened = False
+            PyErr_SetFromErrno(OSError)
+        self.wake_op = WakeOp()
+        self.wake_op.dp = self
+        self._arm_wakeup()
+
+    def __dealloc__(self):
+        if self.opened:
+            kb_ring_close(&self.r)
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+
+    # -- plumbing -------------------------------------------------------------------------
+    cdef io_uring_sqe *_sqe(self) except NULL:
+        cdef io_uring_sqe *s = io_uring_get_sqe(&self.r.ring)
+        if s == NULL:
+            # The submission queue is full: hand it to the kernel now (only under heavy load).
+            self._enable()
+            io_uring_submit(&self.r.ring)
+            self.n_enters += 1
+            s = io_uring_get_sqe(&self.r.ring)
+            if s == NULL:
+                raise RuntimeError('kbloop: io_uring submission queue is full')
+        self.n_sqes += 1
+        return s
+
+    cdef inline void _own(self, UringOp op, io_uring_sqe *s):
+        Py_INCREF(op)
+        self.inflight += 1
+        io_uring_sqe_set_data64(s, <uint64_t><PyObject *>op)
+
+    cdef _enable(self):
+        if not self.r.enabled:
+            ret = kb_ring_enable(&self.r)
+            if ret < 0:
+                raise OSError(-ret, 'io_uring enable: ' + os.strerror(-ret))
+            self.enabled_thread = threading.get_ident()
+
+    cdef _arm_wakeup(self):
+        cdef io_uring_sqe *s = self._sqe()
+        io_uring_prep_read(s, self.wake_fd, &self.wake_op.value, 8, 0)
+        self._own(self.wake_op, s)
+
+    cdef void wakeup(self) noexcept nogil:
+        cdef uint64_t one = 1
+        if self.wake_fd >= 0:
+            write(self.wake_fd, &one, 8)
+
+    cdef _cancel_now(self, UringOp op):
+        """Cancel op and submit at once: the caller may close the fd right after, and an SQE
+        still waiting in the queue must not meet a reused fd number."""
+        cdef io_uring_sqe *s = self._sqe()
+        io_uring_prep_cancel64(s, <uint64_t><PyObject *>op, 0)
+        io_uring_sqe_set_data64(s, 0)
+        if self.r.enabled and threading.get_ident() == self.enabled_thread:
+            # also runs deferred task work, so the cancelled request lets go of its file now
+            io_uring_submit_and_get_events(&self.r.ring)
+            self.n_enters += 1
+
+    # -- the per-iteration step -----------------------------------------------------------
+    cdef int poll(self, int64_t timeout_ns) except -1:
+        cdef int ret
+        if not self.r.enabled:
+            self._enable()
+        if timeout_ns != 0:
+            if PyErr_CheckSignals() < 0:
+                return -1
+            with nogil:
+                ret = kb_submit_and_wait(&self.r, timeout_ns)
+        else:
+            ret = kb_submit_and_wait(&self.r, 0)
+        self.n_polls += 1
+        if ret > 0:
+            self.n_enters += 1
+        elif ret == -EINTR:
+            self.n_enters += 1
+            if PyErr_CheckSignals() < 0:
+                self._harvest()     # what completed still gets delivered
+                return -1
+        elif ret == -EEXIST:
+            raise RuntimeError(
+                'kbloop: this loop\'s io_uring is bound to the thread that first ran it '
+                '(SINGLE_ISSUER); run it in that thread or create it with '
+                'new_event_loop(single_issuer=False)')
+        elif ret < 0 and ret != -EBUSY and ret != -EAGAIN:
+            raise OSError(-ret, 'io_uring_enter: ' + os.strerror(-ret))
+        return self._harvest()
+
+    cdef int _harvest(self) except -1:
+        cdef io_uring_cqe *cqes[CQE_BATCH]
+        cdef unsigned n, i
+        cdef uint64_t ud
+        cdef int res, total = 0
+        cdef uint32_t fl
+        cdef UringOp op
+        try:
+            while True:
+                n = io_uring_peek_batch_cqe(&self.r.ring, cqes, CQE_BATCH)
+                if n == 0:
+                    break
+                for i in range(n):
+                    ud = cqes[i].user_data
+                    res = cqes[i].res
+                    fl = cqes[i].flags
+                    io_uring_cq_advance(&self.r.ring, 1)
+                    total += 1
+                    if ud == 0 or ud == UDATA_TIMEOUT:
+                        continue
+                    op = <UringOp><PyObject *>ud
+                    if not (fl & IORING_CQE_F_MORE):
+                        self.inflight -= 1
+                        Py_DECREF(op)
+                    if self.closing:
+                        op.discard(res, fl)
+                    else:
+                        op.complete(res, fl)
+        finally:
+            kb_bufring_publish(&self.r)
+            self.n_cqes += total
+        return total
+
+    cdef void close(self):
+        """Cancel everything in flight, wait for the completions (the ring holds references),
+        then tear the ring down."""
+        cdef int rounds = 0
+        cdef io_uring_sqe *s
+        if not self.opened:
+            return
+        self.closing = True
+        try:
+            self._enable()
+            s = self._sqe()
+            io_uring_prep_cancel64(s, 0, IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL)
+            io_uring_sqe_set_data64(s, 0)
+            while self.inflight > 0 and rounds < 100:
+                rounds += 1
+                kb_submit_and_wait(&self.r, 10000000)
+                self._harvest()
+        except BaseException:
+            pass
+        if self.inflight > 0:
+            logger.debug('kbloop: %d io_uring operations still in flight at close',
+                         self.inflight)
+        kb_ring_close(&self.r)
+        self.opened = False
+        if self.wake_fd >= 0:
+            close(self.wake_fd)
+            self.wake_fd = -1
+
+    # -- streams --------------------------------------------------------------------------
+    cdef int listen(self, Listener listener) except -1:
+        cdef io_uring_sqe *s = self._sqe()
+        op = AcceptOp()
+        op.dp = self
+        op.listener = listener
+        listener._dp_state = op
+        if self.r.features & KB_F_MULTISHOT_ACCEPT:
+            io_uring_prep_multishot_accept(s, listener.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        else:
+            io_uring_prep_accept(s, listener.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        self._own(op, s)
+        return 0
+
+    cdef int unlisten(self, Listener listener) except -1:
+        op = listener._dp_state
+        listener._dp_state = None
+        if op is not None:
+            self._cancel_now(op)
+        return 0
+
+    cdef int recv_start(self, StreamCore t) except -1:
+        cdef io_uring_sqe *s = self._sqe()
+        cdef RecvOp op = t._dp_state
+        if op is None:
+            op = RecvOp()
+            op.dp = self
+            op.t = t
+            t._dp_state = op
+        if self.r.features & KB_F_MULTISHOT_RECV:
+            io_uring_prep_recv_multishot(s, t._fd, NULL, 0, 0)
+        else:
+            io_uring_prep_recv(s, t._fd, NULL, self.r.bufsize, 0)
+        s.flags |= IOSQE_BUFFER_SELECT
+        s.buf_group = self.r.bgid
+        self._own(op, s)
+        return 0
+
+    cdef int recv_stop(self, StreamCore t) except -1:
+        cdef io_uring_sqe *s
+        if t._dp_state is not None:
+            s = self._sqe()
+            io_uring_prep_cancel64(s, <uint64_t><PyObject *>t._dp_state, 0)
+            io_uring_sqe_set_data64(s, 0)
+        return 0
+
+    cdef int send(self, StreamCore t) except -1:
+        cdef list batch = t.take_batch()
+        cdef io_uring_sqe *s
+        cdef SendOp op = SendOp()
+        op.dp = self
+        op.t = t
+        if len(batch) > MAX_IOV:
+            t._wbuf[0:0] = batch[MAX_IOV:]
+            batch = batch[:MAX_IOV]
+        op.prepare(batch)
+        s = self._sqe()
+        if op.nviews == 1:
+            io_uring_prep_send(s, t._fd, op.iov[0].iov_base, op.iov[0].iov_len, _SEND_FLAGS)
+        else:
+            io_uring_prep_sendmsg(s, t._fd, &op.msg, _SEND_FLAGS)
+        self._own(op, s)
+        return 0
+
+    cdef int shutdown_write(self, StreamCore t) except -1:
+        cdef io_uring_sqe *s = self._sqe()
+        io_uring_prep_shutdown(s, t._fd, SHUT_WR)
+        io_uring_sqe_set_data64(s, 0)
+        return 0
+
+    cdef int close_fd(self, int fd) except -1:
+        cdef io_uring_sqe *s
+        if self.closing or not self.opened:
+            close(fd)
+            return 0
+        s = self._sqe()
+        if self.r.features & KB_F_CANCEL_FD:
+            io_uring_prep_cancel_fd(s, fd, IORING_ASYNC_CANCEL_ALL)
+        else:
+            io_uring_prep_shutdown(s, fd, SHUT_RDWR)   # ends pending receives on old kernels
+        io_uring_sqe_set_data64(s, 0)
+        s.flags |= IOSQE_IO_HARDLINK
+        s = self._sqe()
+        io_uring_prep_close(s, fd)
+        io_uring_sqe_set_data64(s, 0)
+        return 0
+
+    # -- one-shot future operations -------------------------------------------------------
+    cdef FutureOp _future_op(self, fut, int kind, int fd):
+        op = FutureOp()
+        op.dp = self
+        op.fut = fut
+        op.kind = kind
+        op.fd = fd
+        op.pending = True
+        fut.add_done_callback(op._on_fut_done)
+        return op
+
+    cdef object sock_connect(self, object fut, int fd, bytes sa, object address):
+        cdef FutureOp op = self._future_op(fut, OP_CONNECT, fd)
+        op.keep = (sa, address)
+        cdef io_uring_sqe *s = self._sqe()
+        io_uring_prep_connect(s, fd, <sockaddr *>PyBytes_AS_STRING(sa), <socklen_t>len(sa))
+        self._own(op, s)
+        return op
+
+    cdef object sock_accept(self, object fut, object sock):
+        cdef FutureOp op = self._future_op(fut, OP_ACCEPT, sock.fileno())
+        op.sock = sock
+        cdef io_uring_sqe *s = self._sqe()
+        io_uring_prep_accept(s, op.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        self._own(op, s)
+        return op
+
+    cdef object sock_recv(self, object fut, int fd, object buf, bint into):
+        cdef FutureOp op = self._future_op(fut, OP_RECV_INTO if into else OP_RECV, fd)
+        cdef io_uring_sqe *s
+        if into:
+            PyObject_GetBuffer(buf, &op.view, PyBUF_WRITABLE)
+            op.have_view = True
+            s = self._sqe()
+            io_uring_prep_recv(s, fd, op.view.buf, op.view.len, 0)
+        else:
+            op.keep = buf
+            s = self._sqe()
+            io_uring_prep_recv(s, fd, PyBytes_AS_STRING(buf), len(buf), 0)
+        self._own(op, s)
+        return op
+
+    cdef object sock_send(self, object fut, int fd, object data):
+        cdef FutureOp op = self._future_op(fut, OP_SEND, fd)
+        PyObject_GetBuffer(data, &op.view, PyBUF_SIMPLE)
+        op.have_view = True
+        op.keep = data
+        self._sock_send_more(op)
+        return op
+
+    cdef _sock_send_more(self, FutureOp op):
+        cdef io_uring_sqe *s = self._sqe()
+        op.pending = True
+        io_uring_prep_send(s, op.fd, <char *>op.view.buf + op.offset, op.view.len - op.offset,
+                           _SEND_FLAGS)
+        self._own(op, s)
+
+    # -- readiness ------------------------------------------------------------------------
+    cdef int watch_fd(self, FdWatch w) except -1:
+        # One-shot poll, re-armed after the callback ran: asyncio's add_reader is
+        # level-triggered, and a multishot poll only reports new wake-ups (edge-triggered).
+        cdef io_uring_sqe *s = self._sqe()
+        op = WatchOp()
+        op.dp = self
+        op.w = w
+        w._dp_state = op
+        io_uring_prep_poll_add(s, w.fd, w.events)
+        self._own(op, s)
+        return 0
+
+    cdef int unwatch_fd(self, FdWatch w) except -1:
+        op = w._dp_state
+        w._dp_state = None
+        if op is not None:
+            self._cancel_now(op)
+        return 0
+
+    cdef dict stats(self):
+        return {
+            'submissions': self.n_sqes,
+            'completions': self.n_cqes,
+            'enters': self.n_enters,
+            'polls': self.n_polls,
+            'inflight': self.inflight,
+            'bufs_total': self.r.nbufs,
+            'bufs_out': self.r.bufs_out,
+            'buf_size': self.r.bufsize,
+        }
+
+    def features(self):
+        return _feature_names(self.r.features), _setup_flag_names(self.r.setup_flags)
+
+    def ring_fd(self):
+        return self.r.ring.ring_fd

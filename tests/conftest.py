@@ -1,0 +1,92 @@
+"""Shared fixtures: every parity test runs on asyncio (the control) and on kbloop.
+
+Tests call ``run(coro)`` (or ``run(async_fn)``) which executes it on a fresh loop of the
+parametrised kind via ``asyncio.Runner(loop_factory=...)`` -- the same entry point users have.
+"""
+import asyncio
+import gc
+import os
+import socket
+
+import pytest
+
+import kbloop
+
+LOOPS = {
+    "asyncio": asyncio.new_event_loop,
+    "kbloop": lambda: kbloop.new_event_loop(backend="io_uring"),
+}
+
+
+@pytest.fixture(params=list(LOOPS))
+def loop_name(request):
+    return request.param
+
+
+@pytest.fixture
+def loop_factory(loop_name):
+    return LOOPS[loop_name]
+
+
+@pytest.fixture
+def run(loop_factory):
+    """run(coro_or_async_fn, timeout=60, debug=False) -> result, on a fresh loop."""
+
+    def _run(coro, *, timeout=60, debug=False):
+        if callable(coro):
+            coro = coro()
+
+        async def guarded():
+            return await asyncio.wait_for(coro, timeout)
+
+        with asyncio.Runner(loop_factory=loop_factory, debug=debug) as runner:
+            return runner.run(guarded())
+
+    return _run
+
+
+@pytest.fixture
+def kb_run():
+    """Like ``run`` but kbloop only (tests of kbloop-specific behaviour)."""
+
+    def _run(coro, *, timeout=60, debug=False):
+        if callable(coro):
+            coro = coro()
+
+        async def guarded():
+            return await asyncio.wait_for(coro, timeout)
+
+        with asyncio.Runner(loop_factory=LOOPS["kbloop"], debug=debug) as runner:
+            return runner.run(guarded())
+
+    return _run
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_fd_leak():
+    """Assert the test leaves no file descriptor behind (after a GC pass)."""
+    gc.collect()
+    before = open_fds()
+    yield
+    gc.collect()
+    after = open_fds()
+    leaked = {fd: _describe(fd) for fd in after - before}
+    leaked = {fd: d for fd, d in leaked.items() if d is not None}
+    assert not leaked, f"leaked fds: {leaked}"
+
+
+def _describe(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        return None  # the fd used by listdir itself
+
+
+def free_port(family=socket.AF_INET, host="127.0.0.1"):
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
