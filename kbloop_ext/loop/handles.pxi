@@ -4,8 +4,8 @@
 
 cdef class Handle:
     cdef:
-        object _callback
-        object _args            # tuple
+        readonly object _callback
+        readonly object _args            # tuple
         object _context         # contextvars.Context
         _CoreLoop _loop
         bint _cancelled

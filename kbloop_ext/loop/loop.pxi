@@ -34,7 +34,11 @@ cdef class _CoreLoop:
         readonly Datapath _dp
         uint64_t _iterations
 
+    def __cinit__(self):
+        self._closed = True     # until __init__ has a datapath (asyncio's __del__ checks it)
+
     def __init__(self, Datapath datapath not None):
+        self._closed = False
         self._dp = datapath
         datapath.loop = self
         self._ready = []

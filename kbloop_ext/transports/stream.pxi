@@ -213,7 +213,9 @@ cdef class StreamCore:
             raise RuntimeError('Cannot call write() after write_eof()')
         if not data:
             return
-        if self._conn_lost:
+        if self._conn_lost or self._closing:
+            # After close() or loss, writes are dropped (asyncio drops them once its buffer is
+            # empty; ours is only emptied at the next iteration, so decide on close() itself).
             if self._conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 logger.warning('socket.send() raised exception.')
             self._conn_lost += 1

@@ -176,6 +176,7 @@ cdef class FutureOp(UringOp):
         bint have_view
         Py_ssize_t offset       # sock_sendall progress
         bint pending
+        uint64_t prepared_at    # dp.n_polls when the SQE was queued
 
     def __dealloc__(self):
         if self.have_view:
@@ -188,7 +189,9 @@ cdef class FutureOp(UringOp):
 
     def _on_fut_done(self, fut):
         if fut.cancelled() and self.pending:
-            self.dp._cancel_now(self)
+            # Still unsubmitted?  Then the caller, who closes the socket next, must not leave
+            # an SQE naming that fd number in the queue: submit the cancel with it now.
+            self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
 
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef object fut = self.fut
@@ -254,6 +257,7 @@ cdef class UringDatapath(Datapath):
         int wake_fd
         WakeOp wake_op
         uint64_t n_sqes, n_cqes, n_enters, n_polls
+        uint64_t n_cancel_enters     # enters made by _cancel_now, outside poll()
         Py_ssize_t inflight          # ops the ring holds a reference to
         object enabled_thread
 
@@ -324,16 +328,27 @@ cdef class UringDatapath(Datapath):
         if self.wake_fd >= 0:
             write(self.wake_fd, &one, 8)
 
+    cdef _cancel(self, UringOp op, bint now):
+        cdef io_uring_sqe *s
+        if now:
+            self._cancel_now(op)
+        else:
+            s = self._sqe()
+            io_uring_prep_cancel64(s, <uint64_t><PyObject *>op, 0)
+            io_uring_sqe_set_data64(s, 0)
+
     cdef _cancel_now(self, UringOp op):
-        """Cancel op and submit at once: the caller may close the fd right after, and an SQE
-        still waiting in the queue must not meet a reused fd number."""
+        """Cancel op and submit at once: the caller closes the fd right after, and the kernel
+        must let go of the file now (a listening port must be free when Server.close()
+        returns).  The one place besides poll() that enters the kernel; counted apart."""
         cdef io_uring_sqe *s = self._sqe()
         io_uring_prep_cancel64(s, <uint64_t><PyObject *>op, 0)
         io_uring_sqe_set_data64(s, 0)
         if self.r.enabled and threading.get_ident() == self.enabled_thread:
-            # also runs deferred task work, so the cancelled request lets go of its file now
+            # also runs deferred task work, so the cancelled request drops its file reference
             io_uring_submit_and_get_events(&self.r.ring)
             self.n_enters += 1
+            self.n_cancel_enters += 1
 
     # -- the per-iteration step -----------------------------------------------------------
     cdef int poll(self, int64_t timeout_ns) except -1:
@@ -520,6 +535,7 @@ cdef class UringDatapath(Datapath):
         op.kind = kind
         op.fd = fd
         op.pending = True
+        op.prepared_at = self.n_polls
         fut.add_done_callback(op._on_fut_done)
         return op
 
@@ -586,7 +602,7 @@ cdef class UringDatapath(Datapath):
         op = w._dp_state
         w._dp_state = None
         if op is not None:
-            self._cancel_now(op)
+            self._cancel(op, False)
         return 0
 
     cdef dict stats(self):
@@ -595,6 +611,7 @@ cdef class UringDatapath(Datapath):
             'completions': self.n_cqes,
             'enters': self.n_enters,
             'polls': self.n_polls,
+            'cancel_enters': self.n_cancel_enters,
             'inflight': self.inflight,
             'bufs_total': self.r.nbufs,
             'bufs_out': self.r.bufs_out,
