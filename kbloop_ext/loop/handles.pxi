@@ -70,6 +70,19 @@ cdef class Handle:
         return self._cancelled
 
 
+cdef inline Handle _new_handle(callback, tuple args, _CoreLoop loop, context):
+    """Handle(...) without a Python-level __init__ call: the ready queue's hot path."""
+    cdef Handle h = Handle.__new__(Handle)
+    h._context = copy_context() if context is None else context
+    h._loop = loop
+    h._callback = callback
+    h._args = args
+    if loop._debug:
+        # compiled code has no frame of its own: frame 0 is whoever called call_soon()
+        h._source_traceback = format_helpers.extract_stack(sys._getframe(0))
+    return h
+
+
 cdef class TimerHandle(Handle):
     cdef:
         double _when

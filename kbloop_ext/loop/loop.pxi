@@ -77,16 +77,12 @@ cdef class _CoreLoop:
         if self._debug:
             self._check_thread()
             self._check_callback(callback, 'call_soon')
-        handle = Handle(callback, args, self, context)
-        if handle._source_traceback:
-            del handle._source_traceback[-1]
+        handle = _new_handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
 
     def _call_soon(self, callback, args, context):
-        handle = Handle(callback, args, self, context)
-        if handle._source_traceback:
-            del handle._source_traceback[-1]
+        handle = _new_handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
 
@@ -118,9 +114,7 @@ cdef class _CoreLoop:
             raise RuntimeError('Event loop is closed')
         if self._debug:
             self._check_callback(callback, 'call_soon_threadsafe')
-        handle = Handle(callback, args, self, context)
-        if handle._source_traceback:
-            del handle._source_traceback[-1]
+        handle = _new_handle(callback, args, self, context)
         self._ready.append(handle)
         self._dp.wakeup()
         return handle
@@ -311,7 +305,7 @@ cdef class _CoreLoop:
     cdef _add_watch(self, dict table, int events, fd, callback, args):
         self._check_closed()
         fd = selectors._fileobj_to_fd(fd)
-        handle = Handle(callback, args, self, None)
+        handle = _new_handle(callback, args, self, None)
         cdef FdWatch w = table.get(fd)
         if w is not None:
             w.handle._cancelled = True

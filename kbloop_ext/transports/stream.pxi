@@ -40,7 +40,10 @@ cdef class StreamCore:
         bint _send_inflight
         bint _flush_queued       # on the loop's per-iteration flush list
         Py_ssize_t _high_water, _low_water
-        public object _dp_state  # datapath-private per-transport state (its ops)
+        public object _dp_state  # datapath-private per-transport state (receive op)
+        public object _dp_send   # datapath-private per-transport state (send op, reused)
+        object _data_received    # protocol methods, looked up once per protocol
+        object _get_buffer, _buffer_updated
 
     def __init__(self, _CoreLoop loop, sock, protocol, waiter=None, extra=None, server=None):
         self._loop = loop
@@ -77,6 +80,11 @@ cdef class StreamCore:
     cdef _set_protocol(self, protocol):
         self._protocol = protocol
         self._is_buffered = isinstance(protocol, protocols.BufferedProtocol)
+        if self._is_buffered:
+            self._get_buffer = protocol.get_buffer
+            self._buffer_updated = protocol.buffer_updated
+        else:
+            self._data_received = protocol.data_received
 
     def __repr__(self):
         state = 'closing' if self._closing else ('closed' if self._sock is None else 'open')
@@ -100,7 +108,7 @@ cdef class StreamCore:
             if self._is_buffered:
                 self._feed_buffered(ptr, n)
             else:
-                self._protocol.data_received(PyBytes_FromStringAndSize(ptr, n))
+                self._data_received(PyBytes_FromStringAndSize(ptr, n))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -113,7 +121,7 @@ cdef class StreamCore:
             if self._paused_reading:    # paused from inside buffer_updated(): keep the rest
                 self._stash.append(PyBytes_FromStringAndSize(ptr, n))
                 return
-            buf = self._protocol.get_buffer(n)
+            buf = self._get_buffer(n)
             PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
             try:
                 if view.len == 0:
@@ -122,7 +130,7 @@ cdef class StreamCore:
                 memcpy(view.buf, ptr, m)
             finally:
                 PyBuffer_Release(&view)
-            self._protocol.buffer_updated(m)
+            self._buffer_updated(m)
             ptr += m
             n -= m
 
@@ -171,7 +179,7 @@ cdef class StreamCore:
                 if self._is_buffered:
                     self._feed_buffered(PyBytes_AS_STRING(data), len(data))
                 else:
-                    self._protocol.data_received(data)
+                    self._data_received(data)
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
@@ -391,6 +399,11 @@ cdef class StreamCore:
                 if fd >= 0:
                     self._dp.close_fd(fd)
             self._protocol = None
+            self._data_received = self._get_buffer = self._buffer_updated = None
+            # ops still in flight keep us alive until their completion; drop our side of the
+            # reference cycle so that refcounting, not the GC, frees the transport
+            self._dp_state = None
+            self._dp_send = None
             server = self._server
             if server is not None:
                 self._server = None

@@ -489,9 +489,12 @@ cdef class UringDatapath(Datapath):
     cdef int send(self, StreamCore t) except -1:
         cdef list batch = t.take_batch()
         cdef io_uring_sqe *s
-        cdef SendOp op = SendOp()
-        op.dp = self
-        op.t = t
+        cdef SendOp op = t._dp_send      # one send in flight per transport: reuse its op
+        if op is None:
+            op = SendOp()
+            op.dp = self
+            op.t = t
+            t._dp_send = op
         if len(batch) > MAX_IOV:
             t._wbuf[0:0] = batch[MAX_IOV:]
             batch = batch[:MAX_IOV]
