@@ -13,10 +13,11 @@ nm -D kbloop_ext/core*.so | grep -q __asan_report || { echo "ASan build is not i
 libasan=$(gcc -print-file-name=libasan.so)
 echo "== ASan pass: kbloop tests over an instrumented kbloop_ext.core"
 # Python itself "leaks" at exit by design: leak checking off; memory errors halt the process.
+status=0
 LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 PYTHONMALLOC=malloc PYTHONPATH=$work \
-    $PY -m pytest tests -q -k "kbloop" -p no:cacheprovider "$@" 2>&1 | tee asan.log | tail -5
-status=${PIPESTATUS[0]}
+    $PY -m pytest tests -q -k "kbloop" -p no:cacheprovider "$@" >asan.log 2>&1 || status=$?
+tail -3 asan.log
 if grep -q "AddressSanitizer" asan.log; then
     grep -A30 "AddressSanitizer" asan.log | head -60
     exit 1

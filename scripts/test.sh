@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-exec $PY -m pytest tests "$@"
+$PY -m pytest tests "$@"
+# The same kbloop tests over an AddressSanitizer build of the extension.
+bash scripts/asan.sh
