@@ -186,7 +186,7 @@ cdef class _CoreLoop:
         cdef TimerHandle timer
         cdef Handle handle
         cdef Py_ssize_t n = len(sched), i = 0, ntodo
-        cdef double end, timeout, t0, dt
+        cdef double end, timeout, t0, dt, deadline
         cdef int64_t timeout_ns
 
         # Drop cancelled timers: rebuild when they dominate, else pop them off the top.
@@ -218,8 +218,21 @@ cdef class _CoreLoop:
             timeout_ns = -1
 
         self._submit_queued()
+        deadline = _monotonic() + timeout_ns * 1e-9
         self._dp.poll(timeout_ns)
         self._iterations += 1
+        if timeout_ns != 0:
+            # A blocking wait may end on completions that make no work (a send finishing):
+            # keep waiting, up to the same deadline, without a Python-level iteration.
+            while (not self._ready and not self._flush_queue and not self._rearm_watches
+                   and not self._stopping):
+                if timeout_ns > 0:
+                    timeout = deadline - _monotonic()
+                    if timeout <= 0:
+                        break
+                    timeout_ns = <int64_t>(timeout * 1e9) + 1
+                self._dp.poll(timeout_ns)
+                self._iterations += 1
 
         end = _monotonic() + self._clock_resolution
         while sched:
