@@ -16,7 +16,7 @@ echo "== ASan pass: kbloop tests over an instrumented kbloop_ext.core"
 status=0
 LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 PYTHONMALLOC=malloc PYTHONPATH=$work \
-    $PY -m pytest tests -q -k "kbloop" -p no:cacheprovider "$@" >asan.log 2>&1 || status=$?
+    $PY -m pytest tests -k "kbloop" -p no:cacheprovider "$@" >asan.log 2>&1 || status=$?
 tail -3 asan.log
 if grep -q "AddressSanitizer" asan.log; then
     grep -A30 "AddressSanitizer" asan.log | head -60
