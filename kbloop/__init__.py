@@ -32,16 +32,36 @@ if os.environ.get('KBLOOP_FORCE_URING_ERROR'):
 class Loop(_CoreLoop, asyncio.BaseEventLoop):
     """The kbloop event loop on the io_uring datapath.
 
-    ring_entries: submission queue size; recv_buffers / recv_buffer_size: the provided-buffer
-    ring that multishot receives fill (count must be a power of two, size a multiple of the page
-    size); single_issuer: use SINGLE_ISSUER|DEFER_TASKRUN when the kernel has it (the ring then
-    belongs to the first thread that runs the loop).
+    ring_entries: submission queue size.  recv_buffers / recv_buffer_size: the provided-buffer
+    ring that multishot receives fill (a power of two / a multiple of the page size).  A
+    buffer holds one receive, so 64 KiB lets a large message arrive in one data_received()
+    call; pages never written stay unallocated, so small messages cost little memory.
+    single_issuer: use SINGLE_ISSUER|DEFER_TASKRUN when the kernel has it (the ring then
+    belongs to the first thread that runs the loop).  Each default can also be set with an
+    environment variable (KBLOOP_RING_ENTRIES, KBLOOP_RECV_BUFFERS, KBLOOP_RECV_BUFFER_SIZE,
+    KBLOOP_SINGLE_ISSUER=0), so that `python -m kbloop` and uvicorn users can tune them.
     """
 
-    def __init__(self, *, ring_entries=4096, recv_buffers=1024, recv_buffer_size=16384,
-                 single_issuer=True):
-        datapath = UringDatapath(ring_entries, recv_buffers, recv_buffer_size, single_issuer)
+    def __init__(self, *, ring_entries=None, recv_buffers=None, recv_buffer_size=None,
+                 single_issuer=None):
+        datapath = UringDatapath(
+            _option(ring_entries, 'KBLOOP_RING_ENTRIES', 4096),
+            _option(recv_buffers, 'KBLOOP_RECV_BUFFERS', 512),
+            _option(recv_buffer_size, 'KBLOOP_RECV_BUFFER_SIZE', 65536),
+            bool(_option(single_issuer, 'KBLOOP_SINGLE_ISSUER', 1)))
         _CoreLoop.__init__(self, datapath)
+
+
+def _option(value, env, default):
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f'{env} must be an integer, got {raw!r}') from None
 
 
 _fallback_warned = False

@@ -37,6 +37,7 @@ import concurrent.futures
 import errno
 import itertools
 import logging
+import mmap
 import os
 import selectors
 import stat

@@ -268,6 +268,13 @@ cdef class UringDatapath(Datapath):
         why[0] = 0
         self.name = 'io_uring'
         self.wake_fd = -1
+        if not 1 <= entries <= 32768:
+            raise ValueError(f'ring_entries must be between 1 and 32768, got {entries}')
+        if nbufs == 0 or nbufs & (nbufs - 1) or nbufs > 32768:
+            raise ValueError(f'recv_buffers must be a power of two <= 32768, got {nbufs}')
+        if bufsize == 0 or bufsize % mmap.PAGESIZE:
+            raise ValueError(f'recv_buffer_size must be a multiple of the page size '
+                             f'({mmap.PAGESIZE}), got {bufsize}')
         ret = kb_ring_open(&self.r, entries, entries * 4, allow_defer, why, sizeof(why))
         if ret:
             raise BackendUnavailable(why.decode())

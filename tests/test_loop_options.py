@@ -1,4 +1,4 @@
-"""A loop created in one thread may be run in another and closed from the first (asyncio
+"""Loop options, and loops run across threads. A loop created in one thread may be run in another and closed from the first (asyncio
 allows it; kbloop's SINGLE_ISSUER ring is bound to the first thread that runs it)."""
 import asyncio
 import threading
@@ -68,3 +68,30 @@ def test_kbloop_without_single_issuer_runs_from_any_thread(single_issuer):
         assert out == ["worker"]
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"recv_buffers": 100}, {"recv_buffers": 0}, {"recv_buffer_size": 1000},
+    {"ring_entries": 0}, {"ring_entries": 1 << 20},
+])
+def test_kbloop_bad_loop_options_raise_value_error(kwargs, no_fd_leak):
+    import kbloop
+
+    with pytest.raises(ValueError):
+        kbloop.new_event_loop(**kwargs)
+
+
+def test_kbloop_loop_options_from_environment(monkeypatch):
+    import kbloop
+
+    monkeypatch.setenv("KBLOOP_RECV_BUFFERS", "64")
+    monkeypatch.setenv("KBLOOP_RECV_BUFFER_SIZE", "8192")
+    loop = kbloop.new_event_loop()
+    try:
+        stats = loop.stats()
+        assert (stats["bufs_total"], stats["buf_size"]) == (64, 8192)
+    finally:
+        loop.close()
+    monkeypatch.setenv("KBLOOP_RECV_BUFFERS", "lots")
+    with pytest.raises(ValueError, match="KBLOOP_RECV_BUFFERS"):
+        kbloop.new_event_loop()
