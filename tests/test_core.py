@@ -21,20 +21,12 @@ import weakref
 import pytest
 
 import kbloop
+from procutil import KBLOOP_ROOT, subprocess_env  # noqa: E402
 
-KBLOOP_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kbloop.__file__)))
 
 VAR = contextvars.ContextVar("VAR", default="default")
 
 
-def subprocess_env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (KBLOOP_ROOT, env.get("PYTHONPATH")) if p
-    )
-    env.pop("KBLOOP_FORCE_URING_ERROR", None)
-    env.update(extra)
-    return env
 
 
 @pytest.fixture

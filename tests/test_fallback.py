@@ -17,24 +17,16 @@ import sys
 import pytest
 
 import kbloop
+from procutil import KBLOOP_ROOT, subprocess_env  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, "scripts")
 PROBE = os.path.join(SCRIPTS, "fallback_probe.py")
-KBLOOP_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kbloop.__file__)))
 
 sys.path.insert(0, SCRIPTS)
 import seccomp_no_uring  # noqa: E402
 
 
-def subprocess_env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (KBLOOP_ROOT, env.get("PYTHONPATH")) if p
-    )
-    env.pop("KBLOOP_FORCE_URING_ERROR", None)
-    env.update(extra)
-    return env
 
 
 def probe(mode, check, force=None):

@@ -940,3 +940,37 @@ def test_ipv6_loopback_connection(run):
             await pair.aclose()
 
     run(main)
+
+
+def test_abort_while_a_send_is_in_flight_resets_buffer_size(run):
+    """abort() with a large write still in flight: the buffer size drops to 0 and stays there
+    when the in-flight send completes; connection_lost(None) is called once."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        lost = []
+
+        class P(asyncio.Protocol):
+            def connection_made(self, t):
+                self.t = t
+
+            def connection_lost(self, exc):
+                lost.append(exc)
+
+        server = await loop.create_server(asyncio.Protocol, LOCAL, 0)   # never reads
+        try:
+            port = server.sockets[0].getsockname()[1]
+            t, _ = await loop.create_connection(P, LOCAL, port)
+            t.write(b"x" * (8 << 20))
+            await asyncio.sleep(0.05)          # the send is now in flight (peer not reading)
+            assert t.get_write_buffer_size() > 0
+            t.abort()
+            assert t.get_write_buffer_size() == 0
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            assert t.get_write_buffer_size() == 0
+            assert lost == [None]
+        finally:
+            server.close()
+
+    run(main)

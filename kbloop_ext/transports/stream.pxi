@@ -263,11 +263,11 @@ cdef class StreamCore:
     cdef void _on_sent(self, Py_ssize_t nbytes, list unsent) except *:
         """The datapath's send completed; `unsent` is what it could not send, in order."""
         self._send_inflight = False
+        if self._lost_scheduled or self._sock is None:
+            return      # aborted meanwhile: the queue was dropped, nothing more to send
         self._wbuf_size -= nbytes
         if unsent:
             self._wbuf[0:0] = unsent
-        if self._sock is None:
-            return
         if self._wbuf or (self._eof_written and not self._shut_wr_done):
             self._queue_flush()
         elif self._closing and not self._lost_scheduled:
