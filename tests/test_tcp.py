@@ -957,11 +957,16 @@ def test_abort_while_a_send_is_in_flight_resets_buffer_size(run):
             def connection_lost(self, exc):
                 lost.append(exc)
 
-        server = await loop.create_server(asyncio.Protocol, LOCAL, 0)   # never reads
+        class NoRead(asyncio.Protocol):
+            def connection_made(self, t):
+                t.pause_reading()
+
+        server = await loop.create_server(NoRead, LOCAL, 0)
         try:
             port = server.sockets[0].getsockname()[1]
             t, _ = await loop.create_connection(P, LOCAL, port)
-            t.write(b"x" * (8 << 20))
+            assert "Transport" in repr(t)
+            t.write(b"x" * (64 << 20))         # more than both socket buffers can hold
             await asyncio.sleep(0.05)          # the send is now in flight (peer not reading)
             assert t.get_write_buffer_size() > 0
             t.abort()

@@ -430,7 +430,7 @@ class SocketTransport(transports.Transport):
         self._loop = core._loop    # asyncio's streams read transport._loop
 
     def __repr__(self):
-        core = self._core
+        cdef StreamCore core = self._core
         return f'<kbloop.SocketTransport fd={core._fd} {"closing" if core._closing else "open"}>'
 
     def write(self, data):
