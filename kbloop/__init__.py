@@ -16,8 +16,8 @@ import os
 import platform
 import warnings
 
-from kbloop_ext.core import (BackendUnavailable, Server, SocketTransport, _CoreLoop,
-                             UringDatapath, force_uring_failure, probe_io_uring)
+from kbloop_ext.core import (BackendUnavailable, Server, SocketTransport, UnixLoopMixin,
+                             UringDatapath, _CoreLoop, force_uring_failure, probe_io_uring)
 
 __all__ = ['Loop', 'new_event_loop', 'run', 'install', 'EventLoopPolicy', 'BackendUnavailable',
            'info', 'Server', 'SocketTransport']
@@ -29,7 +29,7 @@ if os.environ.get('KBLOOP_FORCE_URING_ERROR'):
     force_uring_failure(os.environ['KBLOOP_FORCE_URING_ERROR'])
 
 
-class Loop(_CoreLoop, asyncio.BaseEventLoop):
+class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
     """The kbloop event loop on the io_uring datapath.
 
     ring_entries: submission queue size.  recv_buffers / recv_buffer_size: the provided-buffer
