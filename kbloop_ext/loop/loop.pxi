@@ -176,6 +176,9 @@ cdef class _CoreLoop:
         for listener in self._listeners.values():
             (<Listener>listener).active = False
         self._listeners.clear()
+        close_unix = getattr(self, '_close_unix', None)   # UnixLoopMixin: signal handlers
+        if close_unix is not None:
+            close_unix()
         self._readers.clear()
         self._writers.clear()
         self._dp.close()
