@@ -67,12 +67,14 @@ class BackendUnavailable(RuntimeError):
 # Forward declarations: the included files refer to each other's classes.
 cdef class _CoreLoop
 cdef class Datapath
+cdef class TransportCore
 cdef class StreamCore
 cdef class Listener
 cdef class FdWatch
 
 include "loop/handles.pxi"
 include "datapath.pxi"
+include "transports/base.pxi"
 include "transports/stream.pxi"
 include "uring/datapath.pxi"
 include "uring/probe.pxi"

@@ -42,7 +42,7 @@ cdef class Datapath:
     cdef int recv_start(self, StreamCore t) except -1:
         raise NotImplementedError
 
-    cdef int recv_stop(self, StreamCore t) except -1:
+    cdef int recv_stop(self, TransportCore t) except -1:
         raise NotImplementedError
 
     cdef int send(self, StreamCore t) except -1:

@@ -285,7 +285,7 @@ cdef class _CoreLoop:
             queue = self._flush_queue
             self._flush_queue = []
             for t in queue:
-                (<StreamCore>t)._flush()
+                (<TransportCore>t)._flush()
         if self._rearm_watches:
             queue = self._rearm_watches
             self._rearm_watches = []

@@ -1,81 +1,27 @@
 # Stream transports (TCP and Unix), written once against the datapath contract.
 #
-# StreamCore is the engine; SocketTransport (a Python subclass of asyncio.Transport, so that
-# isinstance() checks in user code hold) is the object protocols see, and forwards to it.
 # Semantics follow asyncio's proactor transports: writes are queued and sent in one gathered
 # send per loop iteration; close() flushes the queue first; abort() drops it.
 
-cdef int LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
-cdef Py_ssize_t DEFAULT_HIGH_WATER = 64 * 1024
 
-
-cdef class StreamCore:
+cdef class StreamCore(TransportCore):
     cdef:
-        _CoreLoop _loop
-        Datapath _dp
-        readonly object _sock
-        readonly int _fd
-        object _protocol
-        object _facade
-        object _server
-        dict _extra
         bint _is_buffered        # protocol is a BufferedProtocol: copy into its buffer
-        bint _closing
         bint _eof_written        # write_eof() called
         bint _shut_wr_done       # SHUT_WR submitted
         bint _eof_received
-        bint _paused_reading
-        bint _protocol_paused    # we called protocol.pause_writing()
-        bint _lost_scheduled     # connection_lost() is on the ready queue
-        bint _called_lost
-        int _conn_lost
-        # receive side
-        bint _recv_armed         # a receive operation is outstanding in the datapath
-        bint _recv_stopping      # ... and we asked the datapath to stop it
-        list _stash              # bytes that arrived after pause_reading(), delivered on resume
-        bint _stash_eof
-        # send side
+        bint _stash_eof          # EOF arrived while paused: deliver after the stash
         list _wbuf               # queued bytes/memoryview objects not yet handed to the datapath
-        Py_ssize_t _wbuf_size    # bytes queued + in flight (asyncio's write buffer size)
         bint _send_inflight
-        bint _flush_queued       # on the loop's per-iteration flush list
-        Py_ssize_t _high_water, _low_water
-        public object _dp_state  # datapath-private per-transport state (receive op)
-        public object _dp_send   # datapath-private per-transport state (send op, reused)
         object _data_received    # protocol methods, looked up once per protocol
         object _get_buffer, _buffer_updated
 
     def __init__(self, _CoreLoop loop, sock, protocol, waiter=None, extra=None, server=None):
-        self._loop = loop
-        self._dp = loop._dp
-        self._sock = sock
-        self._fd = sock.fileno()
         self._wbuf = []
-        self._stash = []
-        self._high_water = DEFAULT_HIGH_WATER
-        self._low_water = DEFAULT_HIGH_WATER // 4
-        self._extra = {} if extra is None else dict(extra)
-        self._extra['socket'] = trsock.TransportSocket(sock)
-        try:
-            self._extra['sockname'] = sock.getsockname()
-        except OSError:
-            self._extra['sockname'] = None
-        if 'peername' not in self._extra:
-            try:
-                self._extra['peername'] = sock.getpeername()
-            except OSError:
-                self._extra['peername'] = None
-        self._facade = SocketTransport(self)
-        self._set_protocol(protocol)
-        self._server = server
-        if server is not None:
-            server._attach(self._facade)
+        self._init_core(loop, sock, protocol, extra, server, SocketTransport)
         if sock.family != AF_UNIX:
             _set_nodelay(sock)
-        loop.call_soon(protocol.connection_made, self._facade)
-        loop.call_soon(self._start_reading)
-        if waiter is not None:
-            loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        self._start(waiter)
 
     cdef _set_protocol(self, protocol):
         self._protocol = protocol
@@ -86,16 +32,15 @@ cdef class StreamCore:
         else:
             self._data_received = protocol.data_received
 
-    def __repr__(self):
-        state = 'closing' if self._closing else ('closed' if self._sock is None else 'open')
-        return f'<kbloop StreamCore fd={self._fd} {state}>'
+    cdef _set_protocol_methods_none(self):
+        self._data_received = self._get_buffer = self._buffer_updated = None
 
     # -- receive side ---------------------------------------------------------------------
-    def _start_reading(self):
-        if not self._closing and not self._paused_reading and not self._recv_armed:
-            self._recv_armed = True
-            self._recv_stopping = False
-            self._dp.recv_start(self)
+    cdef _arm_recv(self):
+        self._dp.recv_start(self)
+
+    cdef bint _wants_recv(self):
+        return not self._eof_received and not self._stash_eof
 
     cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
         """n bytes arrived in a pool buffer lent for this call only."""
@@ -162,14 +107,6 @@ cdef class StreamCore:
         exc = OSError(err, os.strerror(err))
         self._fatal_error(exc, 'Fatal read error on socket transport')
 
-    cdef void _on_recv_done(self) except *:
-        """The receive operation ended without an error (stopped, or the device ended it):
-        re-arm it if we still want data."""
-        self._recv_armed = False
-        self._recv_stopping = False
-        if not self._eof_received and not self._stash_eof:
-            self._start_reading()
-
     def _deliver_stash(self):
         """Hand data kept during a pause to the protocol (scheduled by resume_reading)."""
         cdef bytes data
@@ -189,30 +126,6 @@ cdef class StreamCore:
             self._stash_eof = False
             self._deliver_eof()
 
-    def pause_reading(self):
-        if self._closing or self._paused_reading:
-            return
-        self._paused_reading = True
-        if self._recv_armed and not self._recv_stopping:
-            self._recv_stopping = True
-            self._dp.recv_stop(self)
-        if self._loop._debug:
-            logger.debug('%r pauses reading', self)
-
-    def resume_reading(self):
-        if self._closing or not self._paused_reading:
-            return
-        self._paused_reading = False
-        if self._stash or self._stash_eof:
-            self._loop.call_soon(self._deliver_stash)
-        if not self._eof_received and not self._stash_eof:
-            self._start_reading()
-        if self._loop._debug:
-            logger.debug('%r resumes reading', self)
-
-    def is_reading(self):
-        return not self._paused_reading and not self._closing
-
     # -- send side ------------------------------------------------------------------------
     cpdef write(self, data):
         if type(data) is not bytes:
@@ -230,20 +143,15 @@ cdef class StreamCore:
             return
         self._wbuf.append(data)
         self._wbuf_size += len(data)
-        self._queue_flush()
+        if not self._send_inflight:
+            self._queue_flush()
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data):
         for data in list_of_data:
             self.write(data)
 
-    cdef inline void _queue_flush(self):
-        if not self._flush_queued and not self._send_inflight:
-            self._flush_queued = True
-            self._loop._flush_queue.append(self)
-
     cdef _flush(self):
-        """Called once per loop iteration, before the datapath submits: one gathered send."""
         self._flush_queued = False
         if self._send_inflight or self._sock is None:
             return
@@ -270,7 +178,7 @@ cdef class StreamCore:
             self._wbuf[0:0] = unsent
         if self._wbuf or (self._eof_written and not self._shut_wr_done):
             self._queue_flush()
-        elif self._closing and not self._lost_scheduled:
+        elif self._closing:
             self._schedule_connection_lost(None)
         self._maybe_resume_protocol()
 
@@ -278,54 +186,13 @@ cdef class StreamCore:
         self._send_inflight = False
         self._wbuf.clear()
         self._wbuf_size = 0
-        if self._called_lost:
+        if self._lost_scheduled:
             return
         exc = OSError(err, os.strerror(err))
         self._fatal_error(exc, 'Fatal write error on socket transport')
 
-    cdef _maybe_pause_protocol(self):
-        if self._wbuf_size <= self._high_water or self._protocol_paused:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler({
-                'message': 'protocol.pause_writing() failed',
-                'exception': exc, 'transport': self._facade, 'protocol': self._protocol,
-            })
-
-    cdef _maybe_resume_protocol(self):
-        if self._protocol_paused and self._wbuf_size <= self._low_water:
-            self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler({
-                    'message': 'protocol.resume_writing() failed',
-                    'exception': exc, 'transport': self._facade, 'protocol': self._protocol,
-                })
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f'high ({high!r}) must be >= low ({low!r}) must be >= 0')
-        self._high_water = high
-        self._low_water = low
-        self._maybe_pause_protocol()
-
-    def get_write_buffer_limits(self):
-        return (self._low_water, self._high_water)
-
-    def get_write_buffer_size(self):
-        return self._wbuf_size
+    cdef _drop_send_queue(self):
+        self._wbuf.clear()
 
     def write_eof(self):
         if self._closing or self._eof_written:
@@ -337,101 +204,18 @@ cdef class StreamCore:
     def can_write_eof(self):
         return True
 
-    # -- closing --------------------------------------------------------------------------
-    def is_closing(self):
-        return self._closing
-
     def close(self):
         if self._closing:
             return
         self._closing = True
         self._stop_receiving()
+        self._stash = []
         if not self._wbuf and not self._send_inflight:
             self._schedule_connection_lost(None)
 
-    def abort(self):
-        self._force_close(None)
 
-    cdef _stop_receiving(self):
-        if self._recv_armed and not self._recv_stopping:
-            self._recv_stopping = True
-            self._dp.recv_stop(self)
-        self._stash = []
-
-    cdef _fatal_error(self, exc, message):
-        if isinstance(exc, OSError):
-            if self._loop._debug:
-                logger.debug('%r: %s', self, message, exc_info=True)
-        else:
-            self._loop.call_exception_handler({
-                'message': message, 'exception': exc,
-                'transport': self._facade, 'protocol': self._protocol,
-            })
-        self._force_close(exc)
-
-    cdef _force_close(self, exc):
-        if self._lost_scheduled:
-            return
-        self._wbuf.clear()
-        self._wbuf_size = 0
-        if not self._closing:
-            self._closing = True
-            self._stop_receiving()
-        self._schedule_connection_lost(exc)
-
-    cdef _schedule_connection_lost(self, exc):
-        self._lost_scheduled = True
-        self._conn_lost += 1
-        self._loop.call_soon(self._call_connection_lost, exc)
-
-    def _call_connection_lost(self, exc):
-        if self._called_lost:
-            return
-        self._called_lost = True
-        try:
-            if self._protocol is not None:
-                self._protocol.connection_lost(exc)
-        finally:
-            sock = self._sock
-            if sock is not None:
-                self._sock = None
-                fd = sock.detach()
-                if fd >= 0:
-                    self._dp.close_fd(fd)
-            self._protocol = None
-            self._data_received = self._get_buffer = self._buffer_updated = None
-            # ops still in flight keep us alive until their completion; drop our side of the
-            # reference cycle so that refcounting, not the GC, frees the transport
-            self._dp_state = None
-            self._dp_send = None
-            server = self._server
-            if server is not None:
-                self._server = None
-                server._detach(self._facade)
-            self._facade = None
-
-    # -- misc -----------------------------------------------------------------------------
-    def get_extra_info(self, name, default=None):
-        return self._extra.get(name, default)
-
-    def get_protocol(self):
-        return self._protocol
-
-    def set_protocol(self, protocol):
-        self._set_protocol(protocol)
-
-
-class SocketTransport(transports.Transport):
-    """The asyncio.Transport that protocols see; forwards to its StreamCore."""
-
-    def __init__(self, StreamCore core):
-        transports.Transport.__init__(self, None)
-        self._core = core
-        self._loop = core._loop    # asyncio's streams read transport._loop
-
-    def __repr__(self):
-        cdef StreamCore core = self._core
-        return f'<kbloop.SocketTransport fd={core._fd} {"closing" if core._closing else "open"}>'
+class SocketTransport(_Facade, transports.Transport):
+    """The asyncio.Transport that stream protocols see."""
 
     def write(self, data):
         (<StreamCore>self._core).write(data)
@@ -446,51 +230,6 @@ class SocketTransport(transports.Transport):
 
     def can_write_eof(self):
         return True
-
-    def close(self):
-        self._core.close()
-
-    def abort(self):
-        self._core.abort()
-
-    def is_closing(self):
-        return (<StreamCore>self._core)._closing
-
-    def get_extra_info(self, name, default=None):
-        return (<StreamCore>self._core)._extra.get(name, default)
-
-    def pause_reading(self):
-        self._core.pause_reading()
-
-    def resume_reading(self):
-        self._core.resume_reading()
-
-    def is_reading(self):
-        return self._core.is_reading()
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        self._core.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_limits(self):
-        return self._core.get_write_buffer_limits()
-
-    def get_write_buffer_size(self):
-        return (<StreamCore>self._core)._wbuf_size
-
-    def get_protocol(self):
-        return (<StreamCore>self._core)._protocol
-
-    def set_protocol(self, protocol):
-        self._core.set_protocol(protocol)
-
-    @property
-    def _protocol_paused(self):      # read by asyncio.streams / base_events._SendfileFallback
-        return (<StreamCore>self._core)._protocol_paused
-
-    def __del__(self, _warn=warnings.warn):
-        cdef StreamCore core = self._core
-        if core is not None and core._sock is not None and not core._closing:
-            _warn(f'unclosed transport {self!r}', ResourceWarning, source=self)
 
 
 cdef object _as_sendable(data):

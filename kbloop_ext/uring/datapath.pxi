@@ -486,7 +486,7 @@ cdef class UringDatapath(Datapath):
         self._own(op, s)
         return 0
 
-    cdef int recv_stop(self, StreamCore t) except -1:
+    cdef int recv_stop(self, TransportCore t) except -1:
         cdef io_uring_sqe *s
         if t._dp_state is not None:
             s = self._sqe()
