@@ -48,11 +48,12 @@ import warnings
 import weakref
 from contextvars import copy_context
 from heapq import heappush, heappop, heapify
-from socket import (socket as socket_socket, inet_pton, if_nametoindex, AF_INET, AF_INET6,
+from socket import (socket as socket_socket, inet_pton, inet_ntop, if_nametoindex,
+                    if_indextoname, getaddrinfo, SOCK_DGRAM, AF_INET, AF_INET6,
                     AF_UNIX, AF_UNSPEC, AI_PASSIVE, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC,
                     SOL_SOCKET, SO_REUSEADDR, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
                     TCP_NODELAY)
-from struct import pack as struct_pack
+from struct import pack as struct_pack, unpack as struct_unpack
 
 from asyncio import (base_events, constants, coroutines, events, exceptions, format_helpers,
                      futures, protocols, sslproto, tasks, transports, trsock)
@@ -69,6 +70,7 @@ cdef class _CoreLoop
 cdef class Datapath
 cdef class TransportCore
 cdef class StreamCore
+cdef class DatagramCore
 cdef class Listener
 cdef class FdWatch
 
@@ -76,6 +78,7 @@ include "loop/handles.pxi"
 include "datapath.pxi"
 include "transports/base.pxi"
 include "transports/stream.pxi"
+include "transports/datagram.pxi"
 include "uring/datapath.pxi"
 include "uring/probe.pxi"
 include "loop/loop.pxi"

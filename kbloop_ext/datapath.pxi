@@ -6,6 +6,7 @@
 # calling back into the object that asked:
 #
 #   Listener      ._on_accept(fd)        ._on_accept_error(errno)
+#   DatagramCore  ._on_datagram(data, addr)   ._on_dgram_error(errno)   ._on_dgram_sent(size, errno)
 #   StreamCore    ._on_data(ptr, n)      ._on_eof()   ._on_recv_error(errno)   ._on_recv_done()
 #                 ._on_sent(nbytes)      ._on_send_error(errno)
 #   future ops    the asyncio future is resolved (result or OSError); cancelling the future
@@ -56,7 +57,25 @@ cdef class Datapath:
         """Cancel every operation still pending on fd, then close it."""
         raise NotImplementedError
 
+    # -- datagrams -------------------------------------------------------------------------
+    cdef int dgram_recv_start(self, DatagramCore t) except -1:
+        """Receive one datagram: t._on_datagram(data, addr) or t._on_dgram_error(errno), then
+        t._on_recv_done()."""
+        raise NotImplementedError
+
+    cdef int dgram_send(self, DatagramCore t, object data, bytes sockaddr) except -1:
+        """Send one datagram (to sockaddr, or to the connected peer if None):
+        t._on_dgram_sent(size, errno or 0)."""
+        raise NotImplementedError
+
     # -- one-shot operations resolving a future (sock_* and connect) ---------------------
+    cdef object sock_recvfrom(self, object fut, int fd, object buf, Py_ssize_t nbytes,
+                              bint into):
+        raise NotImplementedError
+
+    cdef object sock_sendto(self, object fut, int fd, object data, bytes sockaddr):
+        raise NotImplementedError
+
     cdef object sock_connect(self, object fut, int fd, bytes sockaddr, object address):
         raise NotImplementedError
 

@@ -402,7 +402,34 @@ cdef class _CoreLoop:
         self._dp.sock_accept(fut, sock)
         return await fut
 
+    async def sock_recvfrom(self, sock, bufsize):
+        self._check_sock(sock)
+        fut = self.create_future()
+        self._dp.sock_recvfrom(fut, sock.fileno(), PyBytes_FromStringAndSize(NULL, bufsize), 0,
+                               False)
+        return await fut
+
+    async def sock_recvfrom_into(self, sock, buf, nbytes=0):
+        self._check_sock(sock)
+        fut = self.create_future()
+        self._dp.sock_recvfrom(fut, sock.fileno(), buf, nbytes, True)
+        return await fut
+
+    async def sock_sendto(self, sock, data, address):
+        self._check_sock(sock)
+        if sock.family in (AF_INET, AF_INET6) and isinstance(address, tuple):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self)
+            address = resolved[0][4]
+        sockaddr = _pack_sockaddr(sock.family, address, sock.type)
+        fut = self.create_future()
+        self._dp.sock_sendto(fut, sock.fileno(), data, sockaddr)
+        return await fut
+
     # -- transports -----------------------------------------------------------------------------
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
+        return DatagramCore(self, sock, protocol, address, waiter, extra)._facade
+
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
         return StreamCore(self, sock, protocol, waiter, extra, server)._facade
 
@@ -584,21 +611,31 @@ cdef _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout):
         raise ValueError('ssl_shutdown_timeout is only meaningful with ssl')
 
 
-cdef bytes _pack_sockaddr(int family, address):
-    """The C struct sockaddr for a Python socket address (the kernel reads it at submit)."""
-    if family == AF_INET:
-        host, port = address
-        return (struct_pack('=H', AF_INET) + struct_pack('!H', port)
-                + inet_pton(AF_INET, host) + b'\0' * 8)
-    if family == AF_INET6:
+cdef bytes _pack_sockaddr(int family, address, int socktype=1):   # 1: SOCK_STREAM
+    """The C struct sockaddr for a Python socket address (the kernel reads it at submit).
+    A host name is resolved here, blocking, exactly as socket.sendto() would."""
+    if family == AF_INET or family == AF_INET6:
+        if not isinstance(address, tuple) or len(address) < 2:
+            raise TypeError(f'{"AF_INET" if family == AF_INET else "AF_INET6"} address must '
+                            f'be a tuple (host, port), not {type(address).__name__}')
         host, port = address[0], address[1]
+        if not isinstance(port, int):
+            raise TypeError(f"'{type(port).__name__}' object cannot be interpreted as an integer")
+        if not 0 <= port <= 65535:
+            raise OverflowError('port must be 0-65535.')
+        try:
+            packed = inet_pton(family, host.partition('%')[0] if family == AF_INET6 else host)
+        except OSError:
+            resolved = getaddrinfo(host, port, family, socktype)
+            return _pack_sockaddr(family, resolved[0][4], socktype)
+        if family == AF_INET:
+            return struct_pack('=H', AF_INET) + struct_pack('!H', port) + packed + b'\0' * 8
         flowinfo = address[2] if len(address) > 2 else 0
         scope_id = address[3] if len(address) > 3 else 0
-        if '%' in host:
-            host, _, scope = host.partition('%')
-            scope_id = scope_id or if_nametoindex(scope)
-        return (struct_pack('=H', AF_INET6) + struct_pack('!HI', port, flowinfo)
-                + inet_pton(AF_INET6, host) + struct_pack('=I', scope_id))
+        if '%' in host and not scope_id:
+            scope_id = if_nametoindex(host.partition('%')[2])
+        return (struct_pack('=H', AF_INET6) + struct_pack('!HI', port, flowinfo) + packed
+                + struct_pack('=I', scope_id))
     if family == AF_UNIX:
         path = os.fsencode(address) if isinstance(address, str) else bytes(address)
         if not path:

@@ -242,6 +242,103 @@ cdef class FutureOp(UringOp):
             os.close(res)
 
 
+cdef class MsgOp(UringOp):
+    """recvmsg/sendmsg with an address: datagram transports and sock_recvfrom/sendto."""
+    cdef:
+        int kind
+        object target           # DatagramCore, or the future of a sock_* call
+        msghdr msg
+        iovec iov
+        char name[128]          # struct sockaddr_storage
+        Py_buffer view
+        bint have_view
+        object keep             # objects the kernel reads or writes
+        char *own_buf           # receive buffer of a datagram transport
+        uint64_t prepared_at
+
+    def __dealloc__(self):
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+        PyMem_Free(self.own_buf)
+
+    cdef void _release(self):
+        if self.have_view:
+            self.have_view = False
+            PyBuffer_Release(&self.view)
+
+    cdef void _prep_recv(self, char *buf, size_t size):
+        memset(&self.msg, 0, sizeof(msghdr))
+        self.iov.iov_base = buf
+        self.iov.iov_len = size
+        self.msg.msg_iov = &self.iov
+        self.msg.msg_iovlen = 1
+        self.msg.msg_name = self.name
+        self.msg.msg_namelen = sizeof(self.name)
+
+    cdef _prep_send(self, object data, bytes sa):
+        PyObject_GetBuffer(data, &self.view, PyBUF_SIMPLE)
+        self.have_view = True
+        self.keep = sa
+        memset(&self.msg, 0, sizeof(msghdr))
+        self.iov.iov_base = self.view.buf
+        self.iov.iov_len = self.view.len
+        self.msg.msg_iov = &self.iov
+        self.msg.msg_iovlen = 1
+        if sa is not None:
+            self.msg.msg_name = PyBytes_AS_STRING(sa)
+            self.msg.msg_namelen = len(sa)
+
+    def _on_fut_done(self, fut):
+        if fut.cancelled():
+            self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        cdef DatagramCore t
+        cdef Py_ssize_t size
+        if self.kind == MSG_DGRAM_RECV:
+            t = self.target
+            if res >= 0:
+                t._on_datagram(PyBytes_FromStringAndSize(self.own_buf, res),
+                               _unpack_sockaddr(self.name, self.msg.msg_namelen))
+            elif res != -ECANCELED:
+                t._on_dgram_error(-res)
+            t._on_recv_done()
+            return
+        if self.kind == MSG_DGRAM_SEND:
+            size = self.view.len
+            self._release()
+            (<DatagramCore>self.target)._on_dgram_sent(size, -res if res < 0 else 0)
+            return
+        fut = self.target
+        self._release()
+        if fut.done():
+            return
+        if res < 0:
+            if res == -ECANCELED:
+                fut.cancel()
+            else:
+                fut.set_exception(OSError(-res, os.strerror(-res)))
+        elif self.kind == MSG_SOCK_SENDTO:
+            fut.set_result(res)
+        elif self.kind == MSG_SOCK_RECVFROM:
+            data = self.keep
+            fut.set_result((data if res == len(data) else data[:res],
+                            _unpack_sockaddr(self.name, self.msg.msg_namelen)))
+        else:                                   # MSG_SOCK_RECVFROM_INTO
+            fut.set_result((res, _unpack_sockaddr(self.name, self.msg.msg_namelen)))
+
+    cdef void discard(self, int res, uint32_t flags):
+        self._release()
+
+
+cdef enum:
+    MSG_DGRAM_RECV = 1
+    MSG_DGRAM_SEND = 2
+    MSG_SOCK_RECVFROM = 3
+    MSG_SOCK_RECVFROM_INTO = 4
+    MSG_SOCK_SENDTO = 5
+
+
 cdef enum:
     OP_CONNECT = 1
     OP_ACCEPT = 2
@@ -537,6 +634,76 @@ cdef class UringDatapath(Datapath):
         io_uring_prep_close(s, fd)
         io_uring_sqe_set_data64(s, 0)
         return 0
+
+    # -- datagrams ------------------------------------------------------------------------
+    cdef int dgram_recv_start(self, DatagramCore t) except -1:
+        cdef MsgOp op = t._dp_state
+        cdef io_uring_sqe *s
+        if op is None:
+            op = MsgOp()
+            op.dp = self
+            op.kind = MSG_DGRAM_RECV
+            op.target = t
+            op.own_buf = <char *>PyMem_Malloc(DATAGRAM_MAX_SIZE)
+            if op.own_buf == NULL:
+                raise MemoryError()
+            t._dp_state = op
+        op._prep_recv(op.own_buf, DATAGRAM_MAX_SIZE)
+        s = self._sqe()
+        io_uring_prep_recvmsg(s, t._fd, &op.msg, 0)
+        self._own(op, s)
+        return 0
+
+    cdef int dgram_send(self, DatagramCore t, object data, bytes sockaddr) except -1:
+        cdef MsgOp op = MsgOp()
+        cdef io_uring_sqe *s
+        op.dp = self
+        op.kind = MSG_DGRAM_SEND
+        op.target = t
+        op._prep_send(data, sockaddr)
+        s = self._sqe()
+        io_uring_prep_sendmsg(s, t._fd, &op.msg, _SEND_FLAGS)
+        self._own(op, s)
+        return 0
+
+    cdef object sock_recvfrom(self, object fut, int fd, object buf, Py_ssize_t nbytes,
+                              bint into):
+        cdef MsgOp op = MsgOp()
+        cdef io_uring_sqe *s
+        op.dp = self
+        op.target = fut
+        op.prepared_at = self.n_polls
+        if into:
+            op.kind = MSG_SOCK_RECVFROM_INTO
+            PyObject_GetBuffer(buf, &op.view, PyBUF_WRITABLE)
+            op.have_view = True
+            if nbytes > op.view.len:
+                op._release()
+                raise ValueError('nbytes is greater than the length of the buffer')
+            op._prep_recv(<char *>op.view.buf, nbytes if nbytes else op.view.len)
+        else:
+            op.kind = MSG_SOCK_RECVFROM
+            op.keep = buf
+            op._prep_recv(PyBytes_AS_STRING(buf), len(buf))
+        fut.add_done_callback(op._on_fut_done)
+        s = self._sqe()
+        io_uring_prep_recvmsg(s, fd, &op.msg, 0)
+        self._own(op, s)
+        return op
+
+    cdef object sock_sendto(self, object fut, int fd, object data, bytes sockaddr):
+        cdef MsgOp op = MsgOp()
+        cdef io_uring_sqe *s
+        op.dp = self
+        op.kind = MSG_SOCK_SENDTO
+        op.target = fut
+        op.prepared_at = self.n_polls
+        op._prep_send(data, sockaddr)
+        fut.add_done_callback(op._on_fut_done)
+        s = self._sqe()
+        io_uring_prep_sendmsg(s, fd, &op.msg, _SEND_FLAGS)
+        self._own(op, s)
+        return op
 
     # -- one-shot future operations -------------------------------------------------------
     cdef FutureOp _future_op(self, fut, int kind, int fd):

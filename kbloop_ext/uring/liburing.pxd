@@ -69,6 +69,7 @@ cdef extern from "kb_uring.h" nogil:
     void io_uring_prep_send(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
                             int flags)
     void io_uring_prep_sendmsg(io_uring_sqe *sqe, int fd, const msghdr *msg, unsigned flags)
+    void io_uring_prep_recvmsg(io_uring_sqe *sqe, int fd, msghdr *msg, unsigned flags)
     void io_uring_prep_connect(io_uring_sqe *sqe, int fd, const sockaddr *addr,
                                socklen_t addrlen)
     void io_uring_prep_shutdown(io_uring_sqe *sqe, int fd, int how)
