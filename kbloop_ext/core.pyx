@@ -35,6 +35,7 @@ cdef extern from "<poll.h>":
 import collections.abc
 import concurrent.futures
 import errno
+import io
 import itertools
 import logging
 import mmap

@@ -426,6 +426,65 @@ cdef class _CoreLoop:
         self._dp.sock_sendto(fut, sock.fileno(), data, sockaddr)
         return await fut
 
+    # -- sendfile: the kernel's zero-copy sendfile(2), waiting for writability on the ring ----
+    async def _wait_writable(self, int fd):
+        fut = self.create_future()
+        self.add_writer(fd, futures._set_result_unless_cancelled, fut, None)
+        try:
+            await fut
+        finally:
+            self.remove_writer(fd)
+
+    async def _sock_sendfile_native(self, sock, file, offset, count):
+        try:
+            fileno = file.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            raise exceptions.SendfileNotAvailableError('not a regular file')
+        try:
+            fsize = os.fstat(fileno).st_size
+        except OSError:
+            raise exceptions.SendfileNotAvailableError('not a regular file')
+        blocksize = count if count else fsize
+        if not blocksize:
+            return 0    # empty file
+        fd = sock.fileno()
+        total = 0
+        try:
+            while True:
+                if count:
+                    blocksize = count - total
+                    if blocksize <= 0:
+                        break
+                try:
+                    sent = os.sendfile(fd, fileno, offset + total, blocksize)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait_writable(fd)
+                    continue
+                except OSError as exc:
+                    if total == 0:
+                        # e.g. not an mmap-able file: the caller falls back to read/send
+                        raise exceptions.SendfileNotAvailableError('os.sendfile call failed')
+                    if exc.errno == errno.ENOTCONN and type(exc) is not ConnectionError:
+                        raise ConnectionError('socket is not connected', errno.ENOTCONN) from exc
+                    raise
+                if sent == 0:
+                    break   # end of file
+                total += sent
+        finally:
+            if total > 0:
+                os.lseek(fileno, offset + total, os.SEEK_SET)
+        return total
+
+    async def _sendfile_native(self, transp, file, offset, count):
+        cdef StreamCore core = transp._core
+        transp.pause_reading()
+        await core._make_empty_waiter()
+        try:
+            return await self.sock_sendfile(core._sock, file, offset, count, fallback=False)
+        finally:
+            core._reset_empty_waiter()
+            transp.resume_reading()
+
     # -- transports -----------------------------------------------------------------------------
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         return DatagramCore(self, sock, protocol, address, waiter, extra)._facade

@@ -15,6 +15,7 @@ cdef class StreamCore(TransportCore):
         bint _send_inflight
         object _data_received    # protocol methods, looked up once per protocol
         object _get_buffer, _buffer_updated
+        object _empty_waiter     # loop.sendfile(): resolved when every write has been sent
 
     def __init__(self, _CoreLoop loop, sock, protocol, waiter=None, extra=None, server=None):
         self._wbuf = []
@@ -132,6 +133,8 @@ cdef class StreamCore(TransportCore):
             data = _as_sendable(data)
         if self._eof_written:
             raise RuntimeError('Cannot call write() after write_eof()')
+        if self._empty_waiter is not None:
+            raise RuntimeError('unable to write; sendfile is in progress')
         if not data:
             return
         if self._conn_lost or self._closing:
@@ -178,8 +181,11 @@ cdef class StreamCore(TransportCore):
             self._wbuf[0:0] = unsent
         if self._wbuf or (self._eof_written and not self._shut_wr_done):
             self._queue_flush()
-        elif self._closing:
-            self._schedule_connection_lost(None)
+        else:
+            if self._empty_waiter is not None and not self._empty_waiter.done():
+                self._empty_waiter.set_result(None)
+            if self._closing:
+                self._schedule_connection_lost(None)
         self._maybe_resume_protocol()
 
     cdef void _on_send_error(self, int err, list unsent) except *:
@@ -193,6 +199,19 @@ cdef class StreamCore(TransportCore):
 
     cdef _drop_send_queue(self):
         self._wbuf.clear()
+        if self._empty_waiter is not None and not self._empty_waiter.done():
+            self._empty_waiter.set_exception(ConnectionError('Connection is closed by peer'))
+
+    def _make_empty_waiter(self):
+        if self._empty_waiter is not None:
+            raise RuntimeError('Empty waiter is already set')
+        self._empty_waiter = self._loop.create_future()
+        if not self._wbuf and not self._send_inflight:
+            self._empty_waiter.set_result(None)
+        return self._empty_waiter
+
+    def _reset_empty_waiter(self):
+        self._empty_waiter = None
 
     def write_eof(self):
         if self._closing or self._eof_written:
@@ -214,8 +233,12 @@ cdef class StreamCore(TransportCore):
             self._schedule_connection_lost(None)
 
 
-class SocketTransport(_Facade, transports.Transport):
-    """The asyncio.Transport that stream protocols see."""
+class SocketTransport(_Facade, transports._FlowControlMixin):
+    """The asyncio.Transport that stream protocols see.  Like asyncio's own socket transports
+    it is a _FlowControlMixin (asyncio's sendfile fallback checks for that); the flow control
+    itself is the core's."""
+
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
     def write(self, data):
         (<StreamCore>self._core).write(data)
