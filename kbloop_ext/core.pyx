@@ -34,6 +34,7 @@ cdef extern from "<poll.h>":
 
 import collections.abc
 import concurrent.futures
+import contextvars
 import errno
 import io
 import itertools
@@ -52,7 +53,7 @@ from heapq import heappush, heappop, heapify
 from socket import (socket as socket_socket, inet_pton, inet_ntop, if_nametoindex,
                     if_indextoname, getaddrinfo, SOCK_DGRAM, AF_INET, AF_INET6,
                     AF_UNIX, AF_UNSPEC, AI_PASSIVE, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC,
-                    SOL_SOCKET, SO_REUSEADDR, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
+                    SOL_SOCKET, SO_REUSEADDR, SO_KEEPALIVE, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
                     TCP_NODELAY)
 from struct import pack as struct_pack, unpack as struct_unpack
 

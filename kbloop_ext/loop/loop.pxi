@@ -8,6 +8,8 @@
 # asyncio unchanged, so they behave exactly as asyncio's do.
 
 cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
+_CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
+_connect_attempts = contextvars.ContextVar('kbloop_connect_attempts', default=None)
 cdef double MAXIMUM_TIMEOUT = 24 * 3600
 
 
@@ -517,9 +519,40 @@ cdef class _CoreLoop:
             listener.stop()
         sock.close()
 
+    # -- create_connection: asyncio's, plus all_errors (3.12) on every Python ----------------
+    async def create_connection(self, protocol_factory, host=None, port=None, *,
+                                all_errors=False, **kwargs):
+        if _CREATE_CONNECTION_HAS_ALL_ERRORS:
+            return await base_events.BaseEventLoop.create_connection(
+                self, protocol_factory, host, port, all_errors=all_errors, **kwargs)
+        if not all_errors:
+            return await base_events.BaseEventLoop.create_connection(
+                self, protocol_factory, host, port, **kwargs)
+        # asyncio 3.11 folds the per-address errors into one OSError.  It hands its list of
+        # them to _connect_sock(), so record that list and raise them all as 3.12 does.
+        attempts = []
+        token = _connect_attempts.set(attempts)
+        try:
+            return await base_events.BaseEventLoop.create_connection(
+                self, protocol_factory, host, port, **kwargs)
+        except OSError:
+            errors = [exc for outer in attempts for inner in outer for exc in inner]
+            if not errors:
+                raise
+            raise ExceptionGroup('create_connection failed', errors) from None
+        finally:
+            _connect_attempts.reset(token)
+
+    async def _connect_sock(self, exceptions, addr_info, local_addr_infos=None):
+        attempts = _connect_attempts.get()
+        if attempts is not None and not any(a is exceptions for a in attempts):
+            attempts.append(exceptions)
+        return await base_events.BaseEventLoop._connect_sock(
+            self, exceptions, addr_info, local_addr_infos)
+
     async def create_server(self, protocol_factory, host=None, port=None, *,
                             family=AF_UNSPEC, flags=AI_PASSIVE, sock=None, backlog=100,
-                            ssl=None, reuse_address=None, reuse_port=None,
+                            ssl=None, reuse_address=None, reuse_port=None, keep_alive=None,
                             ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
                             start_serving=True):
         _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
@@ -540,6 +573,9 @@ cdef class _CoreLoop:
             sockets = [sock]
         for s in sockets:
             s.setblocking(False)
+            if keep_alive:
+                # Linux: accepted sockets inherit SO_KEEPALIVE from the listener (3.13 API)
+                s.setsockopt(SOL_SOCKET, SO_KEEPALIVE, True)
         server = Server(self, sockets, protocol_factory, ssl, backlog,
                         ssl_handshake_timeout, ssl_shutdown_timeout)
         if start_serving:

@@ -5,7 +5,7 @@
 # Cython) built on the loop's add_reader/add_writer, which are io_uring polls:
 #
 #   signals      Python's C-level handler writes each signal's number to a non-blocking
-#                socketpair (signal.set_wakeup_fd); its read end is an add_reader watch, and
+#                pipe (signal.set_wakeup_fd); its read end is an add_reader watch, and
 #                each byte read queues the handler's Handle, as asyncio's self-pipe does.
 #   pipes        asyncio's own _UnixReadPipeTransport / _UnixWritePipeTransport, driven
 #                through _add_reader/_remove_reader/_add_writer/_remove_writer below.
@@ -14,7 +14,6 @@
 
 import select as _select
 import signal as _signal
-import socket as _socket
 from asyncio import unix_events as _unix_events
 
 
@@ -66,8 +65,8 @@ class _KbSubprocessTransport(_unix_events._UnixSubprocessTransport):
 
 class UnixLoopMixin:
     _signal_handlers = None     # sig -> Handle; a dict once a handler was added
-    _signal_rsock = None        # the wakeup socketpair, while handlers exist
-    _signal_wsock = None
+    _signal_rfd = -1            # the wakeup pipe, while handlers exist
+    _signal_wfd = -1
     _child_pidfds = None        # pidfd -> subprocess transport being watched
 
     # -- signals ------------------------------------------------------------------------------
@@ -83,24 +82,23 @@ class UnixLoopMixin:
         self._check_closed()
         if self._signal_handlers is None:
             self._signal_handlers = {}
-        created = self._signal_wsock is None
+        created = self._signal_wfd < 0
         if created:
-            rsock, wsock = _socket.socketpair()
-            rsock.setblocking(False)
-            wsock.setblocking(False)
-            self._signal_rsock, self._signal_wsock = rsock, wsock
+            # A pipe rather than asyncio's socketpair: one byte takes one byte of its 64 KiB
+            # buffer (a socket charges a whole skb per write), so a storm drops fewer.
+            self._signal_rfd, self._signal_wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             # set_wakeup_fd() raises ValueError outside the main thread: calling it first
             # keeps a loop running in another thread from adding a signal handler.  A storm
-            # that fills the socket buffer drops bytes, but then bytes are pending, so the
+            # that fills the pipe drops bytes, but then bytes are pending, so the
             # read side still runs: the fact that a signal arrived is never lost.
-            _signal.set_wakeup_fd(self._signal_wsock.fileno(), warn_on_full_buffer=False)
+            _signal.set_wakeup_fd(self._signal_wfd, warn_on_full_buffer=False)
         except (ValueError, OSError) as exc:
             if not self._signal_handlers:
-                self._close_signal_socks()
+                self._close_signal_pipe()
             raise RuntimeError(str(exc))
         if created:
-            self.add_reader(self._signal_rsock.fileno(), self._read_signals)
+            self.add_reader(self._signal_rfd, self._read_signals)
 
         handle = Handle(callback, args, self, None)
         self._signal_handlers[sig] = handle
@@ -116,7 +114,7 @@ class UnixLoopMixin:
                     _signal.set_wakeup_fd(-1)
                 except (ValueError, OSError) as nexc:
                     logger.info('set_wakeup_fd(-1) failed: %s', nexc)
-                self._close_signal_socks()
+                self._close_signal_pipe()
             if exc.errno == errno.EINVAL:
                 raise RuntimeError(f'sig {sig} cannot be caught')
             raise
@@ -145,7 +143,7 @@ class UnixLoopMixin:
                 _signal.set_wakeup_fd(-1)
             except (ValueError, OSError) as exc:
                 logger.info('set_wakeup_fd(-1) failed: %s', exc)
-            self._close_signal_socks()
+            self._close_signal_pipe()
         return True
 
     def _check_signal(self, sig):
@@ -155,11 +153,11 @@ class UnixLoopMixin:
             raise ValueError(f'invalid signal number {sig}')
 
     def _read_signals(self):
-        """The wakeup socket is readable: each byte is the number of a signal that arrived."""
-        sock = self._signal_rsock
-        while sock is not None:
+        """The wakeup pipe is readable: each byte is the number of a signal that arrived."""
+        fd = self._signal_rfd
+        while fd >= 0:
             try:
-                data = sock.recv(4096)
+                data = os.read(fd, 4096)
             except InterruptedError:
                 continue
             except (BlockingIOError, OSError):
@@ -171,7 +169,7 @@ class UnixLoopMixin:
                     self._handle_signal(signum)
             if len(data) < 4096:
                 return
-            sock = self._signal_rsock   # a handler may have removed the last signal handler
+            fd = self._signal_rfd   # _handle_signal may have removed the last handler
 
     def _handle_signal(self, sig):
         handlers = self._signal_handlers
@@ -184,14 +182,14 @@ class UnixLoopMixin:
             # Run it next iteration, from the ready queue (we are on the loop's thread).
             (<_CoreLoop>self)._ready.append(handle)
 
-    def _close_signal_socks(self):
-        rsock, wsock = self._signal_rsock, self._signal_wsock
-        self._signal_rsock = self._signal_wsock = None
-        if rsock is not None:
-            self.remove_reader(rsock.fileno())   # a no-op once the loop is closed
-            rsock.close()
-        if wsock is not None:
-            wsock.close()
+    def _close_signal_pipe(self):
+        rfd, wfd = self._signal_rfd, self._signal_wfd
+        self._signal_rfd = self._signal_wfd = -1
+        if rfd >= 0:
+            self.remove_reader(rfd)     # a no-op once the loop is closed
+            os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
 
     def _close_unix(self):
         """Called by _CoreLoop.close() (the loop is already marked closed): remove the signal
@@ -205,7 +203,7 @@ class UnixLoopMixin:
                 warnings.warn(f'Closing the loop {self!r} on interpreter shutdown stage, '
                               f'skipping signal handlers removal', ResourceWarning, source=self)
                 handlers.clear()
-        self._close_signal_socks()
+        self._close_signal_pipe()
         pidfds = self._child_pidfds
         if pidfds:
             for pidfd in list(pidfds):
