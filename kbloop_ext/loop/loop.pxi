@@ -33,6 +33,7 @@ cdef class _CoreLoop:
         list _rearm_watches      # fd watches whose callback ran: re-arm (level-triggered)
         dict _readers, _writers  # fd -> FdWatch
         dict _listeners          # listening fd -> Listener
+        dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
         readonly Datapath _dp
         uint64_t _iterations
 
@@ -50,6 +51,7 @@ cdef class _CoreLoop:
         self._readers = {}
         self._writers = {}
         self._listeners = {}
+        self._transports = {}
         self._clock_resolution = time.get_clock_info('monotonic').resolution
         # State that the methods inherited from asyncio.BaseEventLoop read and write.
         self._default_executor = None
@@ -320,9 +322,17 @@ cdef class _CoreLoop:
         return self._dp.name
 
     # -- fd watches (add_reader / add_writer) -------------------------------------------------
-    cdef _add_watch(self, dict table, int events, fd, callback, args):
+    cdef _ensure_fd_no_transport(self, fd):
+        cdef TransportCore transport = self._transports.get(fd)
+        if transport is not None and not transport._closing:
+            raise RuntimeError(f'File descriptor {fd!r} is used by transport '
+                               f'{transport._facade!r}')
+
+    cdef _add_watch(self, dict table, int events, fd, callback, args, bint check=True):
         self._check_closed()
         fd = selectors._fileobj_to_fd(fd)
+        if check:
+            self._ensure_fd_no_transport(fd)
         handle = _new_handle(callback, args, self, None)
         cdef FdWatch w = table.get(fd)
         if w is not None:
@@ -366,6 +376,7 @@ cdef class _CoreLoop:
         base_events._check_ssl_socket(sock)
         if self._debug and sock.gettimeout() != 0:
             raise ValueError('the socket must be non-blocking')
+        self._ensure_fd_no_transport(sock.fileno())
 
     async def sock_recv(self, sock, n):
         self._check_sock(sock)
@@ -430,8 +441,10 @@ cdef class _CoreLoop:
 
     # -- sendfile: the kernel's zero-copy sendfile(2), waiting for writability on the ring ----
     async def _wait_writable(self, int fd):
+        # internal: the fd may belong to the transport whose sendfile() this is
         fut = self.create_future()
-        self.add_writer(fd, futures._set_result_unless_cancelled, fut, None)
+        self._add_watch(self._writers, POLLOUT, fd, futures._set_result_unless_cancelled,
+                        (fut, None), False)
         try:
             await fut
         finally:
@@ -482,7 +495,8 @@ cdef class _CoreLoop:
         transp.pause_reading()
         await core._make_empty_waiter()
         try:
-            return await self.sock_sendfile(core._sock, file, offset, count, fallback=False)
+            self._check_sendfile_params(core._sock, file, offset, count)
+            return await self._sock_sendfile_native(core._sock, file, offset, count)
         finally:
             core._reset_empty_waiter()
             transp.resume_reading()

@@ -54,6 +54,7 @@ cdef class TransportCore:
             except OSError:
                 self._extra['peername'] = None
         self._facade = facade_class(self)
+        loop._transports[self._fd] = self
         self._set_protocol(protocol)
         self._server = server
         if server is not None:
@@ -227,6 +228,8 @@ cdef class TransportCore:
             sock = self._sock
             if sock is not None:
                 self._sock = None
+                if self._loop._transports.get(self._fd) is self:
+                    del self._loop._transports[self._fd]
                 fd = sock.detach()
                 if fd >= 0:
                     self._dp.close_fd(fd)
@@ -308,6 +311,9 @@ class _Facade:
     @property
     def _protocol_paused(self):      # read by asyncio.streams / base_events._SendfileFallback
         return (<TransportCore>self._core)._protocol_paused
+
+    def _force_close(self, exc):     # called by asyncio's sslproto on fatal TLS errors
+        (<TransportCore>self._core)._force_close(exc)
 
     def __del__(self, _warn=warnings.warn):
         cdef TransportCore core = self._core

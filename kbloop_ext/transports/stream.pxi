@@ -239,6 +239,7 @@ class SocketTransport(_Facade, transports._FlowControlMixin):
     itself is the core's."""
 
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+    _start_tls_compatible = True
 
     def write(self, data):
         (<StreamCore>self._core).write(data)
