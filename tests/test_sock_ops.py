@@ -352,3 +352,30 @@ def test_cancel_open_connection_right_after_start(run, no_fd_leak):
             assert await settled_fd_count(before) == before
 
     run(main)
+
+
+def test_sock_ops_and_readers_refuse_a_transports_socket(run):
+    """asyncio refuses sock_* and add_reader/add_writer on an fd a live transport owns."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno()
+        try:
+            with pytest.raises(RuntimeError, match="used by transport"):
+                await loop.sock_recv(sock, 10)
+            with pytest.raises(RuntimeError, match="used by transport"):
+                await loop.sock_sendall(sock, b"x")
+            with pytest.raises(RuntimeError, match="used by transport"):
+                loop.add_reader(fd, lambda: None)
+            with pytest.raises(RuntimeError, match="used by transport"):
+                loop.add_writer(fd, lambda: None)
+        finally:
+            transport.close()
+            server.close()
+            await asyncio.sleep(0)
+
+    run(main)
