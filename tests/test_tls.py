@@ -738,3 +738,33 @@ def test_aiohttp_https_and_wss_end_to_end(run, pki, loop_name):
     assert digest is not None and len(digest) == 64
     assert text == "SECURE"
     assert echoed_ok
+
+
+def test_sendfile_over_tls_falls_back_to_read_and_write(run, pki, tmp_path):
+    """A TLS transport cannot use sendfile(2): loop.sendfile falls back (and refuses with
+    fallback=False), on both loops."""
+    payload = os.urandom(1024 * 1024 + 5)
+    path = tmp_path / "payload.bin"
+    path.write_bytes(payload)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        received = Collector()
+        received.want = len(payload)
+
+        server = await loop.create_server(lambda: received, HOST, 0, ssl=pki.server_ctx())
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            tr, _ = await loop.create_connection(
+                asyncio.Protocol, HOST, port, ssl=pki.client_ctx(), server_hostname=HOSTNAME)
+            with open(path, "rb") as f:
+                with pytest.raises(RuntimeError):
+                    await loop.sendfile(tr, f, fallback=False)
+                sent = await loop.sendfile(tr, f)
+            await asyncio.wait_for(received.enough, 30)
+            tr.close()
+        return sent, bytes(received.data)
+
+    sent, data = run(main, timeout=30)
+    assert sent == len(payload)
+    assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
