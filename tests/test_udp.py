@@ -90,7 +90,7 @@ def test_sendto_explicit_address_and_ipv6(run):
     run(main)
 
 
-def test_largest_udp_datagram_arrives_whole(run):
+def test_largest_udp_datagram_arrives_whole(run, no_fd_leak):
     async def main():
         loop = asyncio.get_running_loop()
         st, sp = await loop.create_datagram_endpoint(Echo, local_addr=(LOCAL, 0))
@@ -290,7 +290,7 @@ def test_unix_datagram_endpoints(run):
     run(main)
 
 
-def test_sock_recvfrom_sendto(run):
+def test_sock_recvfrom_sendto(run, no_fd_leak):
     async def main():
         loop = asyncio.get_running_loop()
         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -356,6 +356,30 @@ def test_many_endpoints_leave_no_fd(run, no_fd_leak):
         await asyncio.sleep(0.05)
 
     run(main)
+
+
+def test_datagram_larger_than_the_receive_buffer_is_truncated_not_lost(run, no_fd_leak):
+    """sock_recvfrom(n) with a bigger datagram: the first n bytes, as socket.recvfrom gives;
+    the socket keeps working and the next datagram is whole."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for s in (a, b):
+            s.setblocking(False)
+            s.bind((LOCAL, 0))
+        try:
+            await loop.sock_sendto(a, b"x" * 60000, b.getsockname())
+            await loop.sock_sendto(a, b"next", b.getsockname())
+            first, _ = await loop.sock_recvfrom(b, 100)
+            second, _ = await loop.sock_recvfrom(b, 100)
+            return first, second
+        finally:
+            a.close()
+            b.close()
+
+    assert run(main) == (b"x" * 100, b"next")
 
 
 def test_kbloop_datagram_transport_is_an_asyncio_datagram_transport(kb_run):
