@@ -13,10 +13,15 @@ nm -D kbloop_ext/core*.so | grep -q __asan_report || { echo "ASan build is not i
 libasan=$(gcc -print-file-name=libasan.so)
 echo "== ASan pass: kbloop tests over an instrumented kbloop_ext.core"
 # Python itself "leaks" at exit by design: leak checking off; memory errors halt the process.
+# The tests that start PostgreSQL and redis-server are left out: those servers would inherit
+# LD_PRELOAD=libasan (postgres hangs under it), and the transport paths their clients use are
+# exercised by the other tests here.
 status=0
 LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 PYTHONMALLOC=malloc PYTHONPATH=$work \
-    $PY -m pytest tests -k "kbloop" -p no:cacheprovider "$@" >asan.log 2>&1 || status=$?
+    $PY -m pytest tests -k "kbloop" -p no:cacheprovider \
+        --ignore=tests/test_thirdparty_asyncpg.py --ignore=tests/test_thirdparty_redis.py \
+        "$@" >asan.log 2>&1 || status=$?
 tail -3 asan.log
 if grep -q "AddressSanitizer" asan.log; then
     grep -A30 "AddressSanitizer" asan.log | head -60
