@@ -37,19 +37,40 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
     buffer holds one receive, so 64 KiB lets a large message arrive in one data_received()
     call; pages never written stay unallocated, so small messages cost little memory.
     single_issuer: use SINGLE_ISSUER|DEFER_TASKRUN when the kernel has it (the ring then
-    belongs to the first thread that runs the loop).  Each default can also be set with an
-    environment variable (KBLOOP_RING_ENTRIES, KBLOOP_RECV_BUFFERS, KBLOOP_RECV_BUFFER_SIZE,
-    KBLOOP_SINGLE_ISSUER=0), so that `python -m kbloop` and uvicorn users can tune them.
+    belongs to the first thread that runs the loop).
+
+    Reactor modes (docs/modes.md):
+    busy_poll: spin on the completion queue for up to spin_us microseconds before sleeping in
+    the kernel (hybrid busy-poll); cpu: pin the thread that runs the loop to that core.
+    sqpoll: a kernel thread submits for us (sq_cpu pins it, sq_idle_ms is how long it spins
+    before it sleeps).  napi_busy_poll_us: register NAPI busy polling (Linux 6.9+).
+
+    Each default can also be set with an environment variable, so that `python -m kbloop` and
+    uvicorn users can tune them: KBLOOP_RING_ENTRIES, KBLOOP_RECV_BUFFERS,
+    KBLOOP_RECV_BUFFER_SIZE, KBLOOP_SINGLE_ISSUER=0, KBLOOP_BUSY_POLL=1, KBLOOP_CPU,
+    KBLOOP_SPIN_US, KBLOOP_SQPOLL=1, KBLOOP_SQ_CPU, KBLOOP_SQ_IDLE_MS, KBLOOP_NAPI_US.
     """
 
     def __init__(self, *, ring_entries=None, recv_buffers=None, recv_buffer_size=None,
-                 single_issuer=None):
+                 single_issuer=None, busy_poll=None, cpu=None, spin_us=None, sqpoll=None,
+                 sq_cpu=None, sq_idle_ms=None, napi_busy_poll_us=None):
+        cpu = _option(cpu, 'KBLOOP_CPU', None)
+        if cpu is not None and cpu not in os.sched_getaffinity(0):
+            raise ValueError(f'cpu {cpu} is not one this process may run on '
+                             f'({sorted(os.sched_getaffinity(0))})')
         datapath = UringDatapath(
             _option(ring_entries, 'KBLOOP_RING_ENTRIES', 4096),
             _option(recv_buffers, 'KBLOOP_RECV_BUFFERS', 512),
             _option(recv_buffer_size, 'KBLOOP_RECV_BUFFER_SIZE', 65536),
-            bool(_option(single_issuer, 'KBLOOP_SINGLE_ISSUER', 1)))
+            bool(_option(single_issuer, 'KBLOOP_SINGLE_ISSUER', 1)),
+            bool(_option(busy_poll, 'KBLOOP_BUSY_POLL', 0)),
+            _option(spin_us, 'KBLOOP_SPIN_US', 50),
+            bool(_option(sqpoll, 'KBLOOP_SQPOLL', 0)),
+            _option(sq_cpu, 'KBLOOP_SQ_CPU', -1),
+            _option(sq_idle_ms, 'KBLOOP_SQ_IDLE_MS', 1000),
+            _option(napi_busy_poll_us, 'KBLOOP_NAPI_US', 0))
         _CoreLoop.__init__(self, datapath)
+        self._pin_cpu = cpu
 
 
 def _option(value, env, default):

@@ -54,7 +54,7 @@ from socket import (socket as socket_socket, inet_pton, inet_ntop, if_nametoinde
                     if_indextoname, getaddrinfo, SOCK_DGRAM, AF_INET, AF_INET6,
                     AF_UNIX, AF_UNSPEC, AI_PASSIVE, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC,
                     SOL_SOCKET, SO_REUSEADDR, SO_KEEPALIVE, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
-                    TCP_NODELAY)
+                    TCP_NODELAY, SHUT_RD as SHUT_RD_PY)
 from struct import pack as struct_pack, unpack as struct_unpack
 
 from asyncio import (base_events, constants, coroutines, events, exceptions, format_helpers,

@@ -5,6 +5,7 @@ parametrised kind via ``asyncio.Runner(loop_factory=...)`` -- the same entry poi
 """
 import asyncio
 import gc
+import inspect
 import os
 import socket
 
@@ -17,15 +18,41 @@ LOOPS = {
     "kbloop": lambda: kbloop.new_event_loop(backend="io_uring"),
 }
 
+# kbloop's other reactor modes must serve the same transport tests as the default mode.
+MODE_LOOPS = {
+    "kbloop-busy_poll": lambda: kbloop.new_event_loop(backend="io_uring", busy_poll=True,
+                                                      spin_us=20),
+    "kbloop-sqpoll": lambda: kbloop.new_event_loop(backend="io_uring", sqpoll=True,
+                                                   sq_idle_ms=10),
+}
+MODE_MODULES = {"test_tcp", "test_streams", "test_unix", "test_udp", "test_sock_ops",
+                "test_sendfile"}
 
-@pytest.fixture(params=list(LOOPS))
+
+def pytest_generate_tests(metafunc):
+    if "loop_name" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        argnames = mark.args[0]
+        if "loop_name" in (argnames.split(",") if isinstance(argnames, str) else argnames):
+            return      # the test chooses its loops itself
+    names = list(LOOPS)
+    module = metafunc.module.__name__.rpartition(".")[2]
+    # Tests that look at loop_name themselves pick commands by it: default modes only.
+    asks_name = "loop_name" in inspect.signature(metafunc.function).parameters
+    if module in MODE_MODULES and not asks_name:
+        names += list(MODE_LOOPS)
+    metafunc.parametrize("loop_name", names)
+
+
+@pytest.fixture
 def loop_name(request):
     return request.param
 
 
 @pytest.fixture
 def loop_factory(loop_name):
-    return LOOPS[loop_name]
+    return {**LOOPS, **MODE_LOOPS}[loop_name]
 
 
 @pytest.fixture

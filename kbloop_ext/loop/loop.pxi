@@ -136,8 +136,13 @@ cdef class _CoreLoop:
         self._check_running()
         self._set_coroutine_origin_tracking(self._debug)
         old_agen_hooks = sys.get_asyncgen_hooks()
+        cpu = getattr(self, '_pin_cpu', None)
+        old_affinity = None
         try:
             self._thread_id = threading.get_ident()
+            if cpu is not None:
+                old_affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, {cpu})     # 0: the calling thread, the loop's
             sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
                                    finalizer=self._asyncgen_finalizer_hook)
             events._set_running_loop(self)
@@ -146,6 +151,8 @@ cdef class _CoreLoop:
                 if self._stopping:
                     break
         finally:
+            if old_affinity is not None:
+                os.sched_setaffinity(0, old_affinity)
             self._stopping = False
             self._thread_id = None
             events._set_running_loop(None)

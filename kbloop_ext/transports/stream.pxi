@@ -306,6 +306,12 @@ cdef class Listener:
     cdef stop(self):
         if self.active:
             self.active = False
+            # Leave the LISTEN state now, whatever the datapath's mode (an SQPOLL ring cancels
+            # asynchronously): new connections are refused the moment Server.close() returns.
+            try:
+                self.sock.shutdown(SHUT_RD_PY)
+            except OSError:
+                pass
             self._loop._dp.unlisten(self)
 
     cdef void _on_accept(self, int fd) except *:

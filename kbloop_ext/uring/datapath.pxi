@@ -355,14 +355,29 @@ cdef class UringDatapath(Datapath):
         WakeOp wake_op
         uint64_t n_sqes, n_cqes, n_enters, n_polls
         uint64_t n_cancel_enters     # enters made by _cancel_now, outside poll()
+        bint busy_poll               # spin on the CQ before sleeping in the kernel
+        int64_t spin_ns
+        readonly str mode
+        unsigned napi_us
+        uint64_t n_spin_hits, n_sleeps
         Py_ssize_t inflight          # ops the ring holds a reference to
         object enabled_thread
 
     def __init__(self, unsigned entries=4096, unsigned nbufs=1024, unsigned bufsize=16384,
-                 bint allow_defer=True):
+                 bint allow_defer=True, bint busy_poll=False, double spin_us=50,
+                 bint sqpoll=False, int sq_cpu=-1, unsigned sq_idle_ms=1000,
+                 unsigned napi_busy_poll_us=0):
         cdef char why[512]
-        cdef int ret
+        cdef int ret, mode
         why[0] = 0
+        if spin_us < 0:
+            raise ValueError(f'spin_us must be >= 0, got {spin_us}')
+        mode = (KB_MODE_SQPOLL if sqpoll else KB_MODE_BUSY if busy_poll
+                else KB_MODE_DEFAULT if allow_defer else KB_MODE_NO_SINGLE_ISSUER)
+        self.busy_poll = busy_poll
+        self.spin_ns = <int64_t>(spin_us * 1000)
+        self.mode = ('sqpoll' if sqpoll else '') + ('+' if sqpoll and busy_poll else '') + (
+            'busy_poll' if busy_poll else '') or 'default'
         self.name = 'io_uring'
         self.wake_fd = -1
         if not 1 <= entries <= 32768:
@@ -372,10 +387,19 @@ cdef class UringDatapath(Datapath):
         if bufsize == 0 or bufsize % mmap.PAGESIZE:
             raise ValueError(f'recv_buffer_size must be a multiple of the page size '
                              f'({mmap.PAGESIZE}), got {bufsize}')
-        ret = kb_ring_open(&self.r, entries, entries * 4, allow_defer, why, sizeof(why))
+        ret = kb_ring_open(&self.r, entries, entries * 4, mode, sq_cpu, sq_idle_ms, why,
+                           sizeof(why))
         if ret:
             raise BackendUnavailable(why.decode())
         self.opened = True
+        if napi_busy_poll_us:
+            ret = kb_register_napi(&self.r, napi_busy_poll_us, 1)
+            if ret:
+                kb_ring_close(&self.r)
+                self.opened = False
+                raise BackendUnavailable(f'IORING_REGISTER_NAPI: {os.strerror(-ret)} '
+                                         f'(needs Linux 6.9+)')
+            self.napi_us = napi_busy_poll_us
         ret = kb_bufring_setup(&self.r, nbufs, bufsize, 0, why, sizeof(why))
         if ret:
             kb_ring_close(&self.r)
@@ -457,8 +481,25 @@ cdef class UringDatapath(Datapath):
     # -- the per-iteration step -----------------------------------------------------------
     cdef int poll(self, int64_t timeout_ns) except -1:
         cdef int ret
+        cdef int64_t spin
         if not self.r.enabled:
             self._enable()
+        if self.busy_poll and timeout_ns != 0:
+            # Busy-poll: submit, then watch the CQ from user space (completions of this plain
+            # ring land there without us entering the kernel); sleep only after the budget.
+            if io_uring_sq_ready(&self.r.ring):
+                io_uring_submit(&self.r.ring)
+                self.n_enters += 1
+            spin = self.spin_ns if timeout_ns < 0 or timeout_ns > self.spin_ns else timeout_ns
+            with nogil:
+                ret = kb_spin_for_completions(&self.r, spin)
+            if ret:
+                self.n_spin_hits += 1
+                self.n_polls += 1
+                return self._harvest()
+            self.n_sleeps += 1
+            if timeout_ns > 0:
+                timeout_ns = timeout_ns - spin if timeout_ns > spin else 0
         if timeout_ns != 0:
             if PyErr_CheckSignals() < 0:
                 return -1
@@ -790,6 +831,10 @@ cdef class UringDatapath(Datapath):
             'enters': self.n_enters,
             'polls': self.n_polls,
             'cancel_enters': self.n_cancel_enters,
+            'mode': self.mode,
+            'spin_hits': self.n_spin_hits,
+            'sleeps': self.n_sleeps,
+            'napi_busy_poll_us': self.napi_us,
             'inflight': self.inflight,
             'bufs_total': self.r.nbufs,
             'bufs_out': self.r.bufs_out,

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 static int forced_failure = 0;
@@ -44,10 +45,10 @@ static void explain(int err, char *why, size_t why_len) {
         snprintf(why, why_len, "io_uring_setup: %s", strerror(-err));
 }
 
-int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int allow_defer,
-                 char *why, size_t why_len) {
+int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int mode, int sq_cpu,
+                 unsigned sq_idle_ms, char *why, size_t why_len) {
     /* Strongest set-up first; EINVAL means "this kernel lacks a flag": try the next. */
-    static const unsigned attempts[] = {
+    static const unsigned sleeping[] = {
         /* R_DISABLED: the single issuer is whichever thread first runs the loop (asyncio lets
          * a loop be created in one thread and run in another); kb_ring_enable() binds it. */
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
@@ -56,6 +57,12 @@ int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int allow_de
         IORING_SETUP_SUBMIT_ALL,
         0,
     };
+    /* Busy-poll and SQPOLL rings must post completions without waiting for us to enter:
+     * no DEFER_TASKRUN and no COOP_TASKRUN. */
+    static const unsigned spinning[] = { IORING_SETUP_SUBMIT_ALL, 0 };
+    const unsigned *attempts = mode >= KB_MODE_BUSY ? spinning : sleeping;
+    size_t n = mode >= KB_MODE_BUSY ? 2 : 4;
+    size_t first = mode == KB_MODE_NO_SINGLE_ISSUER ? 1 : 0;
     int ret = -EINVAL;
     memset(r, 0, sizeof(*r));
     if (forced_failure) {
@@ -63,11 +70,19 @@ int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int allow_de
         strncat(why, " [forced by KBLOOP_FORCE_URING_ERROR]", why_len - strlen(why) - 1);
         return forced_failure;
     }
-    for (size_t i = allow_defer ? 0 : 1; i < sizeof(attempts) / sizeof(attempts[0]); i++) {
+    for (size_t i = first; i < n; i++) {
         struct io_uring_params p;
         memset(&p, 0, sizeof(p));
         p.flags = attempts[i] | IORING_SETUP_CQSIZE;
         p.cq_entries = cq_entries;
+        if (mode == KB_MODE_SQPOLL) {
+            p.flags |= IORING_SETUP_SQPOLL;
+            p.sq_thread_idle = sq_idle_ms;
+            if (sq_cpu >= 0) {
+                p.flags |= IORING_SETUP_SQ_AFF;
+                p.sq_thread_cpu = (unsigned)sq_cpu;
+            }
+        }
         ret = io_uring_queue_init_params(entries, &r->ring, &p);
         if (ret == 0) {
             r->setup_flags = p.flags;
@@ -105,7 +120,11 @@ int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int allow_de
 }
 
 int kb_ring_enable(kb_ring *r) {
-    if (!(r->setup_flags & IORING_SETUP_R_DISABLED) || r->enabled) return 0;
+    if (r->enabled) return 0;
+    if (!(r->setup_flags & IORING_SETUP_R_DISABLED)) {
+        r->enabled = 1;     /* nothing to do: the ring was usable from the start */
+        return 0;
+    }
     /* liburing 2.3 has no io_uring_enable_rings(): make the register call ourselves. */
     long ret = syscall(__NR_io_uring_register, r->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS,
                        NULL, 0);
@@ -209,6 +228,35 @@ int kb_submit_and_wait(kb_ring *r, int64_t timeout_ns) {
     return ret;
 }
 
+unsigned kb_spin_for_completions(kb_ring *r, int64_t spin_ns) {
+    struct timespec t0, t;
+    unsigned ready = io_uring_cq_ready(&r->ring);
+    if (ready || spin_ns <= 0) return ready;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            ready = io_uring_cq_ready(&r->ring);
+            if (ready) return ready;
+            __builtin_ia32_pause();
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if ((t.tv_sec - t0.tv_sec) * 1000000000LL + (t.tv_nsec - t0.tv_nsec) >= spin_ns)
+            return io_uring_cq_ready(&r->ring);
+    }
+}
+
+int kb_register_napi(kb_ring *r, unsigned busy_poll_us, int prefer_busy_poll) {
+    /* liburing 2.3 has no io_uring_register_napi(); the uapi struct is
+     * {u32 busy_poll_to; u8 prefer_busy_poll; u8 pad[3]; u64 resv}. */
+    struct { uint32_t busy_poll_to; uint8_t prefer; uint8_t pad[3]; uint64_t resv; } arg;
+    memset(&arg, 0, sizeof(arg));
+    arg.busy_poll_to = busy_poll_us;
+    arg.prefer = (uint8_t)(prefer_busy_poll != 0);
+    long ret = syscall(__NR_io_uring_register, r->ring.ring_fd, 27 /* IORING_REGISTER_NAPI */,
+                       &arg, 1);
+    return ret < 0 ? -errno : 0;
+}
+
 static struct io_uring_probe *cached_probe;
 static int cached_probe_done;
 
@@ -224,7 +272,7 @@ int kb_opcode_supported(int op) {
 int kb_probe(unsigned *features, unsigned *kernel_features, unsigned *setup_flags,
              char *why, size_t why_len) {
     kb_ring r;
-    int ret = kb_ring_open(&r, 8, 16, 1, why, why_len);
+    int ret = kb_ring_open(&r, 8, 16, KB_MODE_DEFAULT, -1, 0, why, why_len);
     if (ret) return ret;
     kb_ring_enable(&r);
     ret = kb_bufring_setup(&r, 8, (unsigned)sysconf(_SC_PAGESIZE), 0, why, why_len);

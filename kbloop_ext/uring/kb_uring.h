@@ -61,9 +61,18 @@ typedef struct kb_ring {
     unsigned bufs_out;         /* buffers handed to us by the kernel, not yet recycled */
 } kb_ring;
 
-/* Returns 0 or -errno; on failure writes a one-line reason into why. */
-int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int allow_defer,
-                 char *why, size_t why_len);
+/* Ring modes.  DEFAULT sleeps in the kernel and prefers SINGLE_ISSUER|DEFER_TASKRUN.  BUSY is
+ * a plain ring: completions land in the CQ without us entering the kernel, so the reactor can
+ * spin on it.  SQPOLL adds a kernel thread that submits for us (optionally pinned). */
+enum { KB_MODE_DEFAULT = 0, KB_MODE_NO_SINGLE_ISSUER = 1, KB_MODE_BUSY = 2, KB_MODE_SQPOLL = 3 };
+
+/* Returns 0 or -errno; on failure writes a one-line reason into why.  sq_cpu < 0: unpinned. */
+int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int mode, int sq_cpu,
+                 unsigned sq_idle_ms, char *why, size_t why_len);
+/* Spin on the completion queue for up to spin_ns; returns the number of CQEs ready. */
+unsigned kb_spin_for_completions(kb_ring *r, int64_t spin_ns);
+/* NAPI busy polling of the NIC queues behind this ring's sockets (kernel 6.9+). */
+int kb_register_napi(kb_ring *r, unsigned busy_poll_us, int prefer_busy_poll);
 /* Bind a SINGLE_ISSUER ring to the calling thread (no-op for other rings). */
 int kb_ring_enable(kb_ring *r);
 int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid,

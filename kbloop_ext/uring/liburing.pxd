@@ -44,7 +44,7 @@ cdef extern from "kb_uring.h" nogil:
     int IORING_POLL_ADD_MULTI
     unsigned IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_COOP_TASKRUN
     unsigned IORING_SETUP_TASKRUN_FLAG, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_CQSIZE
-    unsigned IORING_SETUP_R_DISABLED, IORING_SETUP_SQPOLL
+    unsigned IORING_SETUP_R_DISABLED, IORING_SETUP_SQPOLL, IORING_SETUP_SQ_AFF
     unsigned IORING_FEAT_EXT_ARG, IORING_FEAT_NODROP, IORING_FEAT_FAST_POLL
     unsigned IORING_FEAT_SINGLE_MMAP, IORING_FEAT_SUBMIT_STABLE, IORING_FEAT_NATIVE_WORKERS
     unsigned IORING_FEAT_CQE_SKIP, IORING_FEAT_LINKED_FILE
@@ -99,8 +99,12 @@ cdef extern from "kb_uring.h" nogil:
         unsigned nbufs, bufsize, bgid
         unsigned bufs_out
 
-    int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int allow_defer,
-                     char *why, size_t why_len)
+    enum:
+        KB_MODE_DEFAULT, KB_MODE_NO_SINGLE_ISSUER, KB_MODE_BUSY, KB_MODE_SQPOLL
+    int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int mode, int sq_cpu,
+                     unsigned sq_idle_ms, char *why, size_t why_len)
+    unsigned kb_spin_for_completions(kb_ring *r, int64_t spin_ns)
+    int kb_register_napi(kb_ring *r, unsigned busy_poll_us, int prefer_busy_poll)
     int kb_ring_enable(kb_ring *r)
     int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid,
                          char *why, size_t why_len)
