@@ -17,10 +17,11 @@ import platform
 import warnings
 
 from kbloop_ext.core import (BackendUnavailable, Server, SocketTransport, UnixLoopMixin,
-                             UringDatapath, _CoreLoop, force_uring_failure, probe_io_uring)
+                             UringDatapath, _CoreLoop, _set_worker_reuse_port,
+                             force_uring_failure, probe_io_uring)
 
-__all__ = ['Loop', 'new_event_loop', 'run', 'install', 'EventLoopPolicy', 'BackendUnavailable',
-           'info', 'Server', 'SocketTransport']
+__all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
+           'BackendUnavailable', 'info', 'Server', 'SocketTransport']
 __version__ = '0.1.0'
 
 BACKENDS = ('io_uring',)
@@ -136,6 +137,18 @@ def install():
                       'asyncio.run(main, loop_factory=kbloop.new_event_loop)',
                       DeprecationWarning, stacklevel=1)
     asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def serve(main, *, workers, cpus=None, **loop_options):
+    """Run the coroutine function `main` in `workers` processes, one pinned kbloop loop each,
+    sharing listening ports (SO_REUSEPORT).  See kbloop.workers."""
+    from kbloop.workers import serve as _serve
+    return _serve(main, workers=workers, cpus=cpus, **loop_options)
+
+
+def _apply_worker_env():
+    """In a forked worker: pick up KBLOOP_REUSE_PORT set after the core was imported."""
+    _set_worker_reuse_port(os.environ.get('KBLOOP_REUSE_PORT') == '1')
 
 
 def info():

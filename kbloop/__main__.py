@@ -3,6 +3,7 @@
     python -m kbloop info [--json]
     python -m kbloop [--backend io_uring] script.py [args...]
     python -m kbloop [--backend io_uring] -m package.module [args...]
+    python -m kbloop --workers N [--busy-poll] script.py [args...]   # one loop per core
 """
 import argparse
 import json
@@ -40,6 +41,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m kbloop', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--backend', choices=kbloop.BACKENDS, default=None)
+    parser.add_argument('--workers', type=int, default=None,
+                        help='run N worker processes sharing the port (SO_REUSEPORT), each '
+                             'with its own loop pinned to its own core')
+    parser.add_argument('--busy-poll', action='store_true',
+                        help='busy-poll reactor (KBLOOP_BUSY_POLL=1); see docs/modes.md')
+    parser.add_argument('--sqpoll', action='store_true', help='SQPOLL ring (KBLOOP_SQPOLL=1)')
     parser.add_argument('-m', dest='module', help='run a library module as a script')
     parser.add_argument('script', nargs='?')
     parser.add_argument('args', nargs=argparse.REMAINDER)
@@ -48,6 +55,16 @@ def main(argv=None):
         parser.error('give a script, -m module, or "info"')
     if opts.backend:
         os.environ['KBLOOP_BACKEND'] = opts.backend
+    if opts.busy_poll:
+        os.environ['KBLOOP_BUSY_POLL'] = '1'
+    if opts.sqpoll:
+        os.environ['KBLOOP_SQPOLL'] = '1'
+    if opts.workers is not None:
+        from kbloop.workers import run_command
+        # each worker runs this same command line, minus --workers
+        target = (['-m', opts.module] if opts.module else []) + (
+            [opts.script] if opts.script else []) + opts.args
+        return run_command([sys.executable, '-m', 'kbloop'] + target, opts.workers)
     # asyncio.run()/new_event_loop() in the program now create kbloop loops.
     import asyncio
     asyncio.set_event_loop_policy(kbloop.EventLoopPolicy())

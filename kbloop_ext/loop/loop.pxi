@@ -9,6 +9,13 @@
 
 cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
 _CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
+# Set in each kbloop worker process (kbloop.workers): unmodified servers share their port.
+_WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
+
+
+def _set_worker_reuse_port(bint flag):
+    global _WORKER_REUSE_PORT
+    _WORKER_REUSE_PORT = flag
 _connect_attempts = contextvars.ContextVar('kbloop_connect_attempts', default=None)
 cdef double MAXIMUM_TIMEOUT = 24 * 3600
 
@@ -584,6 +591,8 @@ cdef class _CoreLoop:
                 raise ValueError('host/port and sock can not be specified at the same time')
             if reuse_address is None:
                 reuse_address = True
+            if reuse_port is None and _WORKER_REUSE_PORT:
+                reuse_port = True       # a kbloop worker: the port is shared with its siblings
             sockets = await self._bind_listening(host, port, family, flags, reuse_address,
                                                  reuse_port)
         else:
