@@ -1,14 +1,25 @@
 /*
- * echo_load: closed-loop (ping-pong) TCP echo load generator.
+ * echo_load: TCP echo load generator, closed-loop or open-loop.
  *
- * Each of N connections sends one message, waits for the complete echo,
- * checks it, and sends the next.  Single thread, level-triggered epoll, so
- * the generator itself uses one CPU and can be pinned away from the server.
- * Round trips completed after the warm-up are counted and their latency is
- * recorded in a log-linear histogram (~1.6% resolution).  Prints one JSON line.
+ * Closed loop (default, "ping-pong"): each of N connections sends one
+ * message, waits for the complete echo, and sends the next.  The offered load
+ * is whatever the server sustains.
+ *
+ * Open loop (-r RATE): messages are due at a fixed total rate, RATE per
+ * second, request k at t0 + k/RATE on connection k mod N, whether or not
+ * earlier echoes have come back (a connection may have several messages in
+ * flight).  Latency is measured from the *intended* send time, not from when
+ * the generator got round to sending, so a server that stalls is charged for
+ * every request that queued behind the stall (no coordinated omission).
+ *
+ * Both modes check every echoed byte against what was sent, count round trips
+ * completed after the warm-up, record their latency in a log-linear histogram
+ * (~1.6% resolution), and report the generator's own CPU use, so a reader can
+ * tell when the generator rather than the server was the limit.  Single
+ * thread, level-triggered epoll: pin it to its own CPU.  Prints one JSON line.
  *
  *   gcc -O2 -o bench/.build/echo_load bench/echo_load.c
- *   echo_load -p PORT [-H 127.0.0.1] [-c 1] [-s 1024] [-d 3] [-w 1]
+ *   echo_load -p PORT [-H 127.0.0.1] [-c 1] [-s 1024] [-d 3] [-w 1] [-r RATE]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -63,10 +74,17 @@ static uint64_t now_ns(void) {
 
 static double cpu_s(struct timeval tv) { return tv.tv_sec + tv.tv_usec / 1e6; }
 
+/* Messages in flight on one connection: a ring of their intended send times.
+ * The echo is one byte stream, the same message repeated, so byte number i of
+ * the stream must equal msg[i % msg_size]. */
+#define MAX_INFLIGHT 4096
+
 struct conn {
     int fd;
-    size_t sent, recvd;  /* progress of the current round trip */
-    uint64_t start_ns;   /* when the current message was first sent */
+    uint64_t due;        /* messages scheduled so far (sent or still to send) */
+    uint64_t done;       /* messages whose echo is complete */
+    uint64_t sent_bytes, recvd_bytes;
+    uint64_t *intended;  /* ring[MAX_INFLIGHT]: intended send time of message i */
     int want_out;        /* EPOLLOUT currently registered */
 };
 
@@ -92,39 +110,47 @@ static void set_out(struct conn *c, int on) {
     c->want_out = on;
 }
 
-/* Write as much of the current message as the socket takes; ask for EPOLLOUT
+/* Write as much of the scheduled stream as the socket takes; ask for EPOLLOUT
  * only while something is left, so the common case costs no extra syscalls. */
 static void flush_send(struct conn *c) {
-    while (c->sent < msg_size) {
-        ssize_t n = send(c->fd, msg + c->sent, msg_size - c->sent, MSG_NOSIGNAL);
+    uint64_t target = c->due * msg_size;
+    while (c->sent_bytes < target) {
+        size_t off = c->sent_bytes % msg_size;
+        size_t len = msg_size - off;
+        if (len > target - c->sent_bytes) len = target - c->sent_bytes;
+        ssize_t n = send(c->fd, msg + off, len, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EAGAIN) break;
             if (errno == EINTR) continue;
             fail(c, strerror(errno));
             return;
         }
-        c->sent += n;
+        c->sent_bytes += n;
     }
-    set_out(c, c->sent < msg_size);
+    set_out(c, c->sent_bytes < target);
 }
 
-static void start_round_trip(struct conn *c) {
-    c->sent = c->recvd = 0;
-    c->start_ns = now_ns();
-    flush_send(c);
+/* Schedule one more message on c, intended to leave at time t.  Returns 0 if
+ * too many are already in flight (open loop far beyond what the server takes). */
+static int schedule(struct conn *c, uint64_t t) {
+    if (c->due - c->done >= MAX_INFLIGHT) return 0;
+    c->intended[c->due % MAX_INFLIGHT] = t;
+    c->due++;
+    return 1;
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: echo_load -p PORT [-H HOST] [-c CONNS] [-s BYTES] [-d SECONDS] [-w WARMUP_SECONDS]\n");
+    fprintf(stderr, "usage: echo_load -p PORT [-H HOST] [-c CONNS] [-s BYTES] [-d SECONDS] "
+                    "[-w WARMUP_SECONDS] [-r RATE (open loop, requests/s over all connections)]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *port = NULL;
     int nconns = 1, opt;
-    double duration = 3, warmup = 1;
+    double duration = 3, warmup = 1, rate = 0;
     msg_size = 1024;
-    while ((opt = getopt(argc, argv, "H:p:c:s:d:w:")) != -1) {
+    while ((opt = getopt(argc, argv, "H:p:c:s:d:w:r:")) != -1) {
         switch (opt) {
         case 'H': host = optarg; break;
         case 'p': port = optarg; break;
@@ -132,10 +158,12 @@ int main(int argc, char **argv) {
         case 's': msg_size = strtoul(optarg, NULL, 10); break;
         case 'd': duration = atof(optarg); break;
         case 'w': warmup = atof(optarg); break;
+        case 'r': rate = atof(optarg); break;
         default: usage();
         }
     }
-    if (!port || nconns < 1 || msg_size < 1 || duration <= 0 || warmup < 0) usage();
+    if (!port || nconns < 1 || msg_size < 1 || duration <= 0 || warmup < 0 || rate < 0) usage();
+    int open_loop = rate > 0;
 
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
     int rc = getaddrinfo(host, port, &hints, &ai);
@@ -143,7 +171,8 @@ int main(int argc, char **argv) {
 
     /* Random payload, so an echo that mixes up or corrupts bytes is caught. */
     msg = malloc(msg_size);
-    rbuf = malloc(msg_size);
+    size_t rbuf_size = msg_size < 65536 ? 65536 : msg_size;
+    rbuf = malloc(rbuf_size);
     srand(42);
     for (size_t i = 0; i < msg_size; i++) msg[i] = (char)rand();
 
@@ -160,6 +189,7 @@ int main(int argc, char **argv) {
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         fcntl(fd, F_SETFL, O_NONBLOCK);
         conns[i].fd = fd;
+        conns[i].intended = malloc(MAX_INFLIGHT * sizeof(uint64_t));
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
     }
@@ -170,11 +200,16 @@ int main(int argc, char **argv) {
     uint64_t t_measure = t0 + (uint64_t)(warmup * 1e9);
     uint64_t t_end = t_measure + (uint64_t)(duration * 1e9);
     int measuring = 0;
-    uint64_t requests = 0;
+    uint64_t requests = 0, offered = 0, missed = 0, next_k = 0;
+    double interval_ns = open_loop ? 1e9 / rate : 0;
     struct rusage ru0, ru1;
     getrusage(RUSAGE_SELF, &ru0);
 
-    for (int i = 0; i < nconns; i++) start_round_trip(&conns[i]);
+    if (!open_loop)
+        for (int i = 0; i < nconns; i++) {
+            schedule(&conns[i], t0);
+            flush_send(&conns[i]);
+        }
 
     struct epoll_event events[256];
     while (alive > 0) {
@@ -184,10 +219,29 @@ int main(int argc, char **argv) {
             getrusage(RUSAGE_SELF, &ru0); /* CPU counted for the measured part only */
         }
         if (now >= t_end) break;
-        uint64_t next = measuring ? t_end : t_measure;
-        int timeout_ms = (int)((next - now) / 1000000) + 1;
-        int n = epoll_wait(epfd, events, 256, timeout_ms);
-        if (n < 0 && errno != EINTR) { perror("echo_load: epoll_wait"); return 1; }
+        uint64_t wake = measuring ? t_end : t_measure;
+        if (open_loop) {
+            /* Send everything that is due by now, in order, round robin. */
+            uint64_t due_at;
+            while ((due_at = t0 + (uint64_t)(next_k * interval_ns)) <= now) {
+                struct conn *c = &conns[next_k++ % nconns];
+                if (c->fd < 0) continue;
+                if (due_at >= t_measure && due_at < t_end) offered++;
+                if (!schedule(c, due_at)) {
+                    if (due_at >= t_measure) missed++;
+                    continue;
+                }
+                flush_send(c);
+            }
+            if (due_at < wake) wake = due_at;
+        }
+        struct timespec timeout = {0, 0};
+        if (wake > now) {
+            timeout.tv_sec = (wake - now) / 1000000000ULL;
+            timeout.tv_nsec = (wake - now) % 1000000000ULL;
+        }
+        int n = epoll_pwait2(epfd, events, 256, &timeout, NULL);
+        if (n < 0 && errno != EINTR) { perror("echo_load: epoll_pwait2"); return 1; }
         for (int e = 0; e < n; e++) {
             struct conn *c = events[e].data.ptr;
             if (c->fd < 0) continue;
@@ -196,26 +250,42 @@ int main(int argc, char **argv) {
                 if (c->fd < 0) continue;
             }
             if (!(events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) continue;
-            /* Never read past the current message: the server must not send
-             * more than it received, and a one-message window keeps it honest. */
-            ssize_t r = recv(c->fd, rbuf + c->recvd, msg_size - c->recvd, 0);
+            /* Never read past what was sent: the server must not send more
+             * than it received, and this keeps it honest. */
+            uint64_t want = c->sent_bytes - c->recvd_bytes;
+            if (want == 0) want = 1; /* read to detect close or excess bytes */
+            if (want > rbuf_size) want = rbuf_size;
+            ssize_t r = recv(c->fd, rbuf, want, 0);
             if (r == 0) { fail(c, "closed by server"); continue; }
             if (r < 0) {
                 if (errno != EAGAIN && errno != EINTR) fail(c, strerror(errno));
                 continue;
             }
-            c->recvd += r;
-            if (c->recvd < msg_size) continue;
-            if (c->sent < msg_size || memcmp(rbuf, msg, msg_size) != 0) {
-                fail(c, "echo does not match what was sent");
-                continue;
+            if (c->recvd_bytes + r > c->sent_bytes) { fail(c, "server sent more than it received"); continue; }
+            /* Check the bytes against the repeated message. */
+            size_t checked = 0;
+            while (checked < (size_t)r) {
+                size_t off = (c->recvd_bytes + checked) % msg_size;
+                size_t len = msg_size - off;
+                if (len > r - checked) len = r - checked;
+                if (memcmp(rbuf + checked, msg + off, len) != 0) break;
+                checked += len;
             }
-            uint64_t done = now_ns();
-            if (done >= t_measure && done < t_end) {
-                requests++;
-                hist[bucket_of(done - c->start_ns)]++;
+            if (checked < (size_t)r) { fail(c, "echo does not match what was sent"); continue; }
+            c->recvd_bytes += r;
+            uint64_t complete = c->recvd_bytes / msg_size;
+            if (complete == c->done) continue;
+            uint64_t t = now_ns();
+            for (; c->done < complete; c->done++) {
+                if (t >= t_measure && t < t_end) {
+                    requests++;
+                    hist[bucket_of(t - c->intended[c->done % MAX_INFLIGHT])]++;
+                }
             }
-            start_round_trip(c);
+            if (!open_loop) {
+                schedule(c, t);
+                flush_send(c);
+            }
         }
     }
     uint64_t t_stop = now_ns();
@@ -223,12 +293,17 @@ int main(int argc, char **argv) {
     if (!measuring) t_measure = t_stop; /* all connections died during warm-up */
 
     double elapsed = (t_stop > t_measure ? t_stop - t_measure : 1) / 1e9;
-    printf("{\"requests\": %llu, \"rps\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f, "
-           "\"p999_us\": %.1f, \"cpu_user_s\": %.3f, \"cpu_sys_s\": %.3f, \"errors\": %llu, "
-           "\"connections\": %d, \"msg_size\": %zu, \"elapsed_s\": %.3f}\n",
-           (unsigned long long)requests, requests / elapsed, percentile_us(requests, 0.50),
+    double user = cpu_s(ru1.ru_utime) - cpu_s(ru0.ru_utime);
+    double sys = cpu_s(ru1.ru_stime) - cpu_s(ru0.ru_stime);
+    printf("{\"mode\": \"%s\", \"requests\": %llu, \"rps\": %.1f, \"offered_rps\": %.1f, "
+           "\"missed\": %llu, \"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, "
+           "\"p999_us\": %.1f, \"cpu_user_s\": %.3f, \"cpu_sys_s\": %.3f, \"gen_cpu_pct\": %.1f, "
+           "\"errors\": %llu, \"connections\": %d, \"msg_size\": %zu, \"elapsed_s\": %.3f}\n",
+           open_loop ? "open" : "closed", (unsigned long long)requests, requests / elapsed,
+           open_loop ? offered / elapsed : 0.0, (unsigned long long)missed,
+           percentile_us(requests, 0.50), percentile_us(requests, 0.90),
            percentile_us(requests, 0.99), percentile_us(requests, 0.999),
-           cpu_s(ru1.ru_utime) - cpu_s(ru0.ru_utime), cpu_s(ru1.ru_stime) - cpu_s(ru0.ru_stime),
+           user, sys, 100 * (user + sys) / elapsed,
            (unsigned long long)errors, nconns, msg_size, elapsed);
     return errors ? 3 : 0;
 }

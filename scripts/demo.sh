@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's main job: install, build, then the side-by-side comparison of
-# asyncio, uvloop and kbloop (examples/ servers, compiled load generator, interleaved rounds).
+# The README's main job: install, build, then the benchmark suite's quick mode
+# (~3 min): asyncio, uvloop and kbloop side by side on the examples/ servers,
+# compiled load generators, interleaved rounds.  `--full` for every combination.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-exec $PY -m bench.demo "$@"
+exec $PY -m bench --quick "$@"

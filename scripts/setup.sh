@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 need_apt=()
-for pkg in liburing-dev wrk valgrind gcc redis-server postgresql; do
+for pkg in liburing-dev wrk valgrind gcc redis-server postgresql redis-tools linux-perf; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

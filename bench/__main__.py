@@ -1,0 +1,270 @@
+"""kbloop benchmark suite: asyncio vs uvloop vs kbloop (python -m bench).
+
+Runs the unmodified example servers (echo: Protocol, BufferedProtocol,
+streams; HTTP: httptools, aiohttp; Redis protocol) on each loop, pinned to
+CPU 0, against compiled load generators pinned to CPU 1 (bench/echo_load.c,
+wrk, redis-benchmark), loops interleaved round by round.  Prints a table of
+medians and writes all samples (JSON), plots (PNG) and a markdown report to
+bench/results/.  Method: bench/README.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .runner import LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, machine_info, measure
+from .scenarios import MODES, OPEN_LOAD_FRACTION
+
+
+def progress(text, final=False):
+    """One self-overwriting status line on a terminal; one line per run in logs."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+    elif final:
+        print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="representative subset, about 3 minutes (the default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="every combination, about 30 minutes; writes bench/results/LATEST.md")
+    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
+                      help="every kind of scenario once, tiny: checks the machinery (seconds)")
+    p.add_argument("--loops", default="asyncio,uvloop,kbloop", help="comma-separated")
+    p.add_argument("--rounds", type=int, help="measured rounds (mode default)")
+    p.add_argument("--warmup-rounds", type=int, help="discarded rounds first (mode default)")
+    p.add_argument("--seconds", type=float, help="measured seconds per run (mode default)")
+    p.add_argument("--only", help="run only scenarios whose name contains this text")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="instead of benchmarking: rewrite the table, markdown and plots of a "
+                        "results JSON (e.g. after changing bench/report.py)")
+    p.add_argument("--profile", metavar="SCENARIO",
+                   help="instead of benchmarking: perf-record the server of this scenario "
+                        "(exact name, e.g. 'proto 64B c32') on each of --loops and print perf report")
+    p.add_argument("--rate", type=float, help="with --profile of an open-loop scenario: offered req/s")
+    args = p.parse_args(argv)
+    args.mode = args.mode or "quick"
+    defaults = MODES[args.mode]
+    for key in ("rounds", "warmup_rounds", "seconds"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    args.warmup_s = defaults["warmup_s"]
+    args.scenarios = defaults["scenarios"]()
+    if args.only:
+        args.scenarios = [s for s in args.scenarios if args.only in s.name]
+    for loop in args.loops.split(","):
+        if loop not in LOOPS:
+            p.error(f"unknown loop {loop!r}; choose from {', '.join(LOOPS)}")
+    return args
+
+
+def usable_loops(names):
+    loops = []
+    for loop in names.split(","):
+        ok, why = available(loop)
+        if ok:
+            loops.append(loop)
+        else:
+            print(f"note: skipping {loop}: not usable ({why})", file=sys.stderr)
+    return loops
+
+
+def usable_scenarios(scenarios):
+    missing = {tool for tool in TOOLS.values() if not shutil.which(tool)}
+    for tool in sorted(missing):
+        print(f"note: skipping scenarios that need `{tool}`: not found (bash scripts/setup.sh)",
+              file=sys.stderr)
+    return [s for s in scenarios if TOOLS.get(s.kind) not in missing]
+
+
+def open_rate(sc, samples):
+    """Offered rate for an open-loop scenario: a fraction of the slowest loop's
+    closed-loop req/s in the first measured round that has them all, so all
+    loops sustain it.  Fixed for the rest of the run: every loop, every round
+    is measured at the same offered load."""
+    for rnd in sorted({x["round"] for x in samples if not x["warmup"]}):
+        ref = {x["loop"]: x["rps"] for x in samples
+               if x["scenario"] == sc.open_of and x["round"] == rnd and x["ok"]}
+        if ref:
+            return OPEN_LOAD_FRACTION * min(ref.values())
+    return None
+
+
+def run_rounds(args, loops, scenarios):
+    """Interleaved rounds; returns (samples, loops dropped after a failure)."""
+    # The warm-up round warms the machine (clocks, page cache, the loops'
+    # imports) with the first scenario, discarded.  Each run also has its own
+    # warm-up load.
+    warm = scenarios[:1]
+    plan = [(rnd, rnd < args.warmup_rounds) for rnd in range(args.warmup_rounds + args.rounds)]
+    total = sum(len(warm if w else scenarios) for _, w in plan) * len(loops)
+    samples, done, broken, failures = [], 0, set(), dict.fromkeys(loops, 0)
+    rates = {}
+    for rnd, warmup in plan:
+        # Rotate the loop order each round so no loop always runs first/last.
+        order = loops[rnd % len(loops):] + loops[:rnd % len(loops)]
+        label = f"round {rnd + 1}/{len(plan)}{' (warm-up)' if warmup else ''}"
+        for sc in warm if warmup else scenarios:
+            if sc.open_of and not rates.get(sc.name):
+                rates[sc.name] = open_rate(sc, samples)
+            rate = rates.get(sc.name)
+            if sc.open_of and not rate:
+                done += len(order)
+                print(f"\n  ! {sc.name}: no closed-loop result for {sc.open_of} in this round",
+                      file=sys.stderr)
+                continue
+            for loop in order:
+                done += 1
+                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<8}")
+                if loop in broken:
+                    continue
+                try:
+                    res = measure(loop, sc, args.seconds, rate, args.warmup_s)
+                except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+                    # e.g. the server did not start; a loop that keeps failing
+                    # is dropped rather than slowing the whole run down.
+                    failures[loop] += 1
+                    print(f"\n  ! {loop} / {sc.name}: {e}", file=sys.stderr)
+                    samples.append({"round": rnd, "warmup": warmup, "scenario": sc.name,
+                                    "loop": loop, "ok": False, "failure": str(e)[-2000:]})
+                    if failures[loop] >= 3:
+                        print(f"  ! dropping {loop} from the rest of the run", file=sys.stderr)
+                        broken.add(loop)
+                    continue
+                failures[loop] = 0
+                samples.append({"round": rnd, "warmup": warmup, "scenario": sc.name,
+                                "loop": loop, **res})
+                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<8} "
+                         f"{res['rps']:>10,.0f} req/s  {res['cpu_us_per_req'] or 0:6.1f} us CPU/req",
+                         final=True)
+    return samples, broken
+
+
+def profile(args, loops, scenarios):
+    """perf record the server of one scenario on each loop; print perf report."""
+    sel = [s for s in scenarios if s.name == args.profile]
+    if not sel:
+        sys.exit(f"no scenario named {args.profile!r} in --{args.mode} mode")
+    sc = sel[0]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for loop in loops:
+        data = args.out_dir / f"perf-{loop}-{sc.name.replace(' ', '_')}.data"
+        rate = args.rate
+        if sc.open_of and not rate:
+            sys.exit("an open-loop scenario needs --rate REQUESTS_PER_S")
+        res = measure(loop, sc, args.seconds, rate, args.warmup_s, profile_to=data)
+        print(f"== {loop} / {sc.name}: {res['rps']:,.0f} req/s, "
+              f"{res['cpu_us_per_req']:.1f} us CPU/req (under perf), perf data: {data}")
+        out = subprocess.run(["perf", "report", "-i", str(data), "--no-children",
+                              "--sort", "dso,sym", "--stdio", "-g", "none", "--percent-limit", "0.7"],
+                             capture_output=True, text=True)
+        print("\n".join(line for line in out.stdout.splitlines()
+                        if line.strip() and not line.startswith("#")))
+
+
+def write_reports(rows, meta, stem, plots=True, latest=False):
+    """Terminal table and targets; stem.md and stem-*.png (and LATEST.md) beside stem.json."""
+    m = meta["machine"]
+    targets = report.check_targets(rows)
+    print(f"\nkbloop benchmark, {meta['mode']} mode: {meta['rounds']} round(s) x {meta['seconds']:g} s "
+          f"(+{meta['warmup_rounds']} warm-up round), Python {m['python']}, Linux {m['kernel']}, "
+          f"server on CPU {m['server_cpu']}, load on CPU {m['load_cpu']}\n")
+    print(report.text_table(rows))
+    print("\nmedians over rounds; spread = (max-min)/median req/s; CPU us/req = server CPU per "
+          "request; server/gen CPU = share of a core; GEN-BOUND = load generator may be the limit.")
+    print("\nTargets (kbloop vs uvloop):")
+    print(report.targets_text(targets))
+    for w in meta["warnings"]:
+        print(f"WARNING: {w}")
+    pngs = []
+    if plots:
+        try:
+            pngs = report.plot_all(rows, meta["loops"], str(stem))
+        except ImportError:
+            print("note: no plots: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+    md = report.markdown_report(rows, meta, targets, [Path(p).name for p in pngs])
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *map(Path, pngs)]
+    stem.with_suffix(".md").write_text(md)
+    if latest:
+        written.append(stem.parent / "LATEST.md")
+        written[-1].write_text(md)
+    print("written: " + ", ".join(os.path.relpath(p, REPO) for p in written))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        # Summaries are recomputed from the raw samples with the current code.
+        data = json.loads(args.report.read_text())
+        meta, samples = data["meta"], data["samples"]
+        names = {x["scenario"] for x in samples}
+        scenarios = [s for s in MODES[meta["mode"]]["scenarios"]() if s.name in names]
+        rows = report.summarize(samples, meta["loops"], scenarios)
+        stem = args.report.resolve().with_suffix("")
+        data["summary"], data["targets"] = rows, report.check_targets(rows)
+        args.report.write_text(json.dumps(data, indent=1))
+        return write_reports(rows, meta, stem, plots=not args.no_plots,
+                             latest=stem.name.startswith("full-") and stem.parent == RESULTS)
+    loops = usable_loops(args.loops)
+    scenarios = usable_scenarios(args.scenarios)
+    if len(os.sched_getaffinity(0)) < 2:
+        print("note: fewer than 2 CPUs; server and load generator are not pinned", file=sys.stderr)
+    if not loops or not scenarios:
+        sys.exit("nothing to run")
+    build_echo_load()
+    if args.profile:
+        return profile(args, loops, scenarios)
+
+    started = time.monotonic()
+    samples, broken = run_rounds(args, loops, scenarios)
+    duration = time.monotonic() - started
+    progress(f"done in {duration:.0f} s\n", final=True)
+
+    rows = report.summarize(samples, loops, scenarios)
+    targets = report.check_targets(rows)  # also stored in the JSON
+    measured = [x for x in samples if not x["warmup"] and "failure" not in x]
+    warnings = []
+    busy = [x for x in measured if x["other_cpu_s"] > 0.1 * x["wall_s"]]
+    if busy:
+        warnings.append(f"other processes used >10% of a CPU during {len(busy)} of {len(measured)} "
+                        "runs; rerun on a quiet machine for trustworthy numbers.")
+    failed = [f"{x['loop']}/{x['scenario']}" for x in samples if not x["ok"]]
+    if failed:
+        warnings.append(f"discarded runs with errors: {', '.join(failed)}")
+    if broken:
+        warnings.append(f"dropped after repeated failures: {', '.join(sorted(broken))}")
+
+    now = datetime.datetime.now()
+    meta = {"mode": args.mode, "date": now.isoformat(timespec="seconds"),
+            "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "seconds": args.seconds,
+            "warmup_s": args.warmup_s, "open_load_fraction": OPEN_LOAD_FRACTION,
+            "loops": loops, "duration_s": duration, "warnings": warnings,
+            "machine": machine_info()}
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"{args.mode}-{now:%Y%m%d-%H%M%S}"
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "summary": rows, "samples": samples, "targets": targets}, indent=1))
+    write_reports(rows, meta, stem, plots=not args.no_plots,
+                  latest=args.mode == "full" and not args.only)
+    if broken or failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Summaries, tables (terminal and markdown), target checks and plots."""
+
+import statistics
+
+from .runner import GEN_BOUND_PCT
+
+GROUPS = {
+    "echo": "Echo, closed loop (ping-pong): throughput; the c1 rows are the latency rows",
+    "open": "Echo, open loop: server CPU at the same offered load for every loop",
+    "http": "HTTP/1.1 keep-alive, wrk -t1",
+    "redis": "Redis protocol, redis-benchmark -t ping,set,get,incr",
+}
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(samples, loops, scenarios):
+    """One row per (scenario, loop): medians over the measured, error-free runs."""
+    rows = []
+    for sc in scenarios:
+        med = {}
+        for loop in loops:
+            s = [x for x in samples if x["scenario"] == sc.name and x["loop"] == loop
+                 and not x["warmup"] and x["ok"]]
+            if not s:
+                continue
+            rps = [x["rps"] for x in s]
+            row = {
+                "scenario": sc.name, "group": sc.group, "kind": sc.kind, "server": sc.server,
+                "conns": sc.conns, "msg_size": sc.msg_size, "pipeline": sc.pipeline,
+                "loop": loop, "n": len(s),
+                "rps": statistics.median(rps),
+                "spread_pct": 100 * (max(rps) - min(rps)) / statistics.median(rps),
+                "cpu_us_per_req": statistics.median(x["cpu_us_per_req"] for x in s),
+                "cpu_spread_pct": 100 * (max(x["cpu_us_per_req"] for x in s)
+                                         - min(x["cpu_us_per_req"] for x in s))
+                / statistics.median(x["cpu_us_per_req"] for x in s),
+                "server_cpu_pct": statistics.median(x["server_cpu_pct"] for x in s),
+                "gen_cpu_pct": statistics.median(x["gen_cpu_pct"] for x in s),
+                "offered_rps": median_or_none(x.get("offered_rps") or None for x in s),
+            }
+            for p in ("p50_us", "p99_us", "p999_us"):
+                row[p] = median_or_none(x.get(p) for x in s)
+            row["gen_bound"] = row["gen_cpu_pct"] >= GEN_BOUND_PCT
+            if sc.kind == "redis":
+                row["tests"] = {t: statistics.median(x["tests"][t] for x in s)
+                                for t in s[0]["tests"]}
+            med[loop] = row
+        for loop, row in med.items():
+            for ref in ("uvloop", "asyncio"):
+                row[f"vs_{ref}"] = row["rps"] / med[ref]["rps"] if ref in med else None
+            row["cpu_vs_uvloop"] = (row["cpu_us_per_req"] / med["uvloop"]["cpu_us_per_req"]
+                                    if "uvloop" in med else None)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- tables
+
+COLUMNS = ["scenario", "loop", "n", "req/s", "spread", "p50 us", "p99 us", "p99.9 us",
+           "CPU us/req", "CPU vs uvloop", "server CPU", "gen CPU", "vs uvloop", "vs asyncio"]
+
+
+def _cells(r):
+    ratio = lambda v: "-" if v is None else f"{v:.2f}x"
+    num = lambda v: "-" if v is None else f"{v:,.0f}"
+    name = r["scenario"]
+    if r["offered_rps"]:
+        name += f" @ {r['offered_rps'] / 1000:.0f}k/s"
+    return [name, r["loop"], str(r["n"]), f"{r['rps']:,.0f}", f"{r['spread_pct']:.0f}%",
+            num(r["p50_us"]), num(r["p99_us"]), num(r["p999_us"]),
+            f"{r['cpu_us_per_req']:.1f}", ratio(r["cpu_vs_uvloop"]),
+            f"{r['server_cpu_pct']:.0f}%",
+            f"{r['gen_cpu_pct']:.0f}%" + (" GEN-BOUND" if r["gen_bound"] else ""),
+            ratio(r["vs_uvloop"]), ratio(r["vs_asyncio"])]
+
+
+def text_table(rows):
+    """Plain aligned table, a rule between scenarios."""
+    body = [_cells(r) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
+    out = []
+    for i, line in enumerate([COLUMNS] + body):
+        if i == 1 or (i > 1 and rows[i - 1]["scenario"] != rows[i - 2]["scenario"]):
+            out.append("  ".join("-" * w for w in widths))
+        out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                             for j, (c, w) in enumerate(zip(line, widths))))
+    return "\n".join(out)
+
+
+def markdown_table(rows):
+    out = ["| " + " | ".join(COLUMNS) + " |",
+           "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
+    for r in rows:
+        cells = _cells(r)
+        if r["loop"] == "kbloop":
+            cells[1] = "**kbloop**"
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def redis_commands_markdown(rows):
+    rows = [r for r in rows if r["kind"] == "redis"]
+    if not rows:
+        return ""
+    tests = list(rows[0]["tests"])
+    out = ["| scenario | loop | " + " | ".join(tests) + " |",
+           "|---|---|" + "---:|" * len(tests)]
+    for r in rows:
+        out.append(f"| {r['scenario']} | {r['loop']} | "
+                   + " | ".join(f"{r['tests'].get(t, 0):,.0f}" for t in tests) + " |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- targets
+
+def check_targets(rows):
+    """The issue's targets for kbloop vs uvloop: [(target, verdict, detail lines)].
+
+    verdict is "met", "MISSED" or "not measured"."""
+    by = {(r["scenario"], r["loop"]): r for r in rows}
+    pairs = [(by[(r["scenario"], "uvloop")], r) for r in rows
+             if r["loop"] == "kbloop" and (r["scenario"], "uvloop") in by]
+
+    def line(uv, kb, what, cpu=False):
+        bound = [r["loop"] for r in (uv, kb) if r["gen_bound"]]
+        flags = f" (generator-bound: {' and '.join(bound)} run{'s' * (len(bound) > 1)})" if bound else ""
+        key = "cpu_spread_pct" if cpu else "spread_pct"
+        noise = max(uv.get(key, 0), kb.get(key, 0))
+        return (f"{kb['scenario']}: {what}; {'CPU/req' if cpu else 'req/s'} spread of the runs "
+                f"up to {noise:.0f}%{flags}")
+
+    results = []
+
+    def verdict(checked, failed):
+        return "not measured" if not checked else ("MISSED" if failed else "met")
+
+    # 1. CPU per request at the same offered load, 64 B and 1 KiB, 32 connections.
+    sel = [(uv, kb) for uv, kb in pairs if kb["group"] == "open" and kb["conns"] == 32
+           and kb["msg_size"] in (64, 1024)]
+    failed = [p for p in sel if p[1]["cpu_vs_uvloop"] > 0.9]
+    results.append((
+        "server CPU per request <= 0.9x uvloop at 64 B and 1 KiB, 32 connections (same offered load)",
+        verdict(sel, failed),
+        [line(uv, kb, f"kbloop {kb['cpu_us_per_req']:.1f} vs uvloop {uv['cpu_us_per_req']:.1f} "
+                      f"us/req = {kb['cpu_vs_uvloop']:.2f}x", cpu=True) for uv, kb in sel]))
+
+    # 2. Never below uvloop's requests/s, any size and concurrency (closed-loop echo).
+    sel = [(uv, kb) for uv, kb in pairs if kb["group"] == "echo"]
+    failed = [(uv, kb) for uv, kb in sel if kb["vs_uvloop"] < 1.0]
+    results.append((
+        "requests/s never below uvloop's at any echo size/concurrency",
+        verdict(sel, failed),
+        [f"{len(sel) - len(failed)} of {len(sel)} echo scenarios at or above uvloop"]
+        + [line(uv, kb, f"{kb['vs_uvloop']:.2f}x uvloop") for uv, kb in failed]))
+
+    # 3. 64 B, 32-128 connections: >= 1.15x uvloop where the server is the bottleneck.
+    sel = [(uv, kb) for uv, kb in pairs if kb["group"] == "echo" and kb["msg_size"] == 64
+           and kb["conns"] >= 32]
+    server_bound = [p for p in sel if not (p[0]["gen_bound"] or p[1]["gen_bound"])]
+    failed = [p for p in server_bound if p[1]["vs_uvloop"] < 1.15]
+    results.append((
+        "64 B echo with 32-128 connections: >= 1.15x uvloop's requests/s (server-bound runs)",
+        verdict(server_bound, failed),
+        [line(uv, kb, f"{kb['vs_uvloop']:.2f}x uvloop"
+              + ("" if (uv, kb) in server_bound else ", excluded: generator-bound")
+              + (" MISSED" if (uv, kb) in failed else "")) for uv, kb in sel]))
+
+    # 4. HTTP (httptools, wrk -c 64): >= uvloop's requests/s at lower CPU per request.
+    sel = [(uv, kb) for uv, kb in pairs if kb["scenario"] == "http httptools c64"]
+    failed = [p for p in sel if p[1]["vs_uvloop"] < 1.0 or p[1]["cpu_vs_uvloop"] >= 1.0]
+    results.append((
+        "HTTP (httptools, wrk -c 64): >= uvloop's requests/s at lower server CPU per request",
+        verdict(sel, failed),
+        [line(uv, kb, f"{kb['vs_uvloop']:.2f}x uvloop's requests/s, "
+                      f"{kb['cpu_vs_uvloop']:.2f}x its CPU per request") for uv, kb in sel]))
+    return results
+
+
+def targets_text(results, bullet="  "):
+    out = []
+    for target, verdict, details in results:
+        out.append(f"{bullet}[{verdict}] {target}")
+        out.extend(f"{bullet}    {d}" for d in details)
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- plots
+
+LOOP_COLORS = {"asyncio": "#7f7f7f", "uvloop": "#1f77b4", "kbloop": "#d62728"}
+
+
+def plot_all(rows, loops, stem):
+    """Write stem-throughput.png, stem-latency.png, stem-cpu.png; returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import FuncFormatter
+
+    paths = []
+    color = lambda loop: LOOP_COLORS.get(loop)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2x10^1, on log axes
+
+    def grouped_bars(ax, labels, series, horizontal=False, log=False):
+        """series: {loop: [value per label]}; one group of bars per label."""
+        width = 0.8 / max(1, len(series))
+        for i, (loop, values) in enumerate(series.items()):
+            pos = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+            vals = [v or 0 for v in values]
+            if horizontal:
+                ax.barh(pos, vals, height=width, label=loop, color=color(loop))
+            else:
+                ax.bar(pos, vals, width=width, label=loop, color=color(loop))
+        if horizontal:
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.invert_yaxis()
+            if log:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(plain)
+                ax.xaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="x", which="both", labelsize=7)
+        else:
+            ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=20, ha="right")
+            if log:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+
+    def series_for(names, key):
+        return {loop: [next((r[key] for r in rows if r["scenario"] == n and r["loop"] == loop),
+                            None) for n in names] for loop in loops}
+
+    # Throughput: echo req/s by concurrency, one panel per (server, size) measured;
+    # HTTP and Redis as bars in a bottom row.
+    echo = [r for r in rows if r["group"] == "echo"]
+    panels = {}  # server -> sizes measured
+    for r in echo:
+        panels.setdefault(r["server"], [])
+        if r["msg_size"] not in panels[r["server"]]:
+            panels[r["server"]].append(r["msg_size"])
+    other = list(dict.fromkeys(r["scenario"] for r in rows if r["kind"] in ("http", "redis")))
+    nrows = len(panels) + (1 if other else 0)
+    if nrows:
+        ncols = max([len(v) for v in panels.values()] + [1])
+        fig = plt.figure(figsize=(3.6 * max(ncols, 2), 3.0 * nrows), constrained_layout=True)
+        grid = fig.add_gridspec(nrows, ncols)
+        for i, (server, sizes) in enumerate(panels.items()):
+            for j, size in enumerate(sorted(sizes)):
+                ax = fig.add_subplot(grid[i, j])
+                conns = sorted({r["conns"] for r in echo
+                                if r["server"] == server and r["msg_size"] == size})
+                for loop in loops:
+                    pts = sorted((r["conns"], r["rps"], r["gen_bound"]) for r in echo
+                                 if r["server"] == server and r["msg_size"] == size
+                                 and r["loop"] == loop)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                                color=color(loop), label=loop)
+                        bound = [p for p in pts if p[2]]
+                        ax.plot([p[0] for p in bound], [p[1] for p in bound], "kx", ms=9)
+                ax.set_xscale("log")
+                ax.set_xticks(conns, [str(c) for c in conns])
+                ax.minorticks_off()
+                ax.set_title(f"echo {server}, {size:,} B", fontsize=9)
+                ax.set_xlabel("connections", fontsize=8)
+                ax.set_ylabel("req/s", fontsize=8)
+                ax.set_ylim(bottom=0)
+                ax.tick_params(labelsize=7)
+                ax.grid(alpha=0.3)
+                if i == 0 and j == 0:
+                    ax.legend(fontsize=7)
+        if other:
+            ax = fig.add_subplot(grid[-1, :])
+            grouped_bars(ax, other, series_for(other, "rps"))
+            ax.set_ylabel("req/s", fontsize=8)
+            ax.set_title("HTTP and Redis", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("Throughput (median req/s; x = generator-bound)", fontsize=10)
+        paths.append(f"{stem}-throughput.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # Latency percentiles: c1 echo (round trip at concurrency 1) and open-loop runs.
+    lat = list(dict.fromkeys(r["scenario"] for r in rows
+                             if (r["group"] == "echo" and r["conns"] == 1) or r["group"] == "open"))
+    if lat:
+        fig, axes = plt.subplots(1, len(lat), figsize=(2.8 * len(lat) + 1, 3.4),
+                                 squeeze=False, constrained_layout=True)
+        for ax, name in zip(axes[0], lat):
+            pcts = ["p50_us", "p99_us", "p999_us"]
+            series = {loop: [next((r[p] for r in rows if r["scenario"] == name
+                                   and r["loop"] == loop), None) for p in pcts] for loop in loops}
+            grouped_bars(ax, ["p50", "p99", "p99.9"], series, log=True)
+            ax.set_title(name, fontsize=8)
+            ax.set_ylabel("us", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("Latency percentiles (median over rounds; open loop: from intended send time)",
+                     fontsize=9)
+        paths.append(f"{stem}-latency.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # Server CPU per request, every scenario.
+    names = list(dict.fromkeys(r["scenario"] for r in rows))
+    if names:
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.12 * len(names) * len(loops)),
+                               constrained_layout=True)
+        grouped_bars(ax, names, series_for(names, "cpu_us_per_req"), horizontal=True, log=True)
+        ax.set_xlabel("server CPU us per request (log scale; lower is better)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        ax.set_title("Server CPU per request", fontsize=10)
+        paths.append(f"{stem}-cpu.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------- markdown report
+
+def markdown_report(rows, meta, targets, plots):
+    m, v = meta["machine"], meta["machine"]["versions"]
+    lines = [
+        f"# kbloop benchmark: {meta['mode']} mode, {meta['date']}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {m['nproc']} vCPU, {m['cpu_model']}, Linux {m['kernel']}, {m['os']}  ",
+        f"Python {m['python']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "  ",
+        f"Method: {meta['rounds']} measured rounds x {meta['seconds']:g} s per run (+{meta['warmup_s']:g} s "
+        f"warm-up load per run, +{meta['warmup_rounds']} warm-up round), loops interleaved, "
+        f"server on CPU {m['server_cpu']}, load generator on CPU {m['load_cpu']}; medians. "
+        "See [bench/README.md](../README.md).",
+        "",
+        f"Duration: {meta['duration_s'] / 60:.1f} min.",
+    ]
+    if meta.get("warnings"):
+        lines += [""] + [f"**Warning:** {w}" for w in meta["warnings"]]
+    lines += ["", "## Targets (kbloop vs uvloop, same run)", "", "```",
+              targets_text(targets, bullet=""), "```", "",
+              "Where kbloop misses a target, [PROFILE.md](PROFILE.md) has a profile of the kbloop "
+              "server in that scenario and where its time goes.", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Results", "",
+              "req/s, latency and CPU are medians over rounds; spread = (max-min)/median req/s; "
+              "CPU us/req = server user+system CPU over the measured run / requests; "
+              "server CPU and gen CPU = share of one core used by the server and by the load "
+              f"generator (GEN-BOUND: generator >= {GEN_BOUND_PCT}%, so the server may not be "
+              "the limit); ratios compare median req/s. wrk reports no p99.9.", ""]
+    for group, title in GROUPS.items():
+        sel = [r for r in rows if r["group"] == group]
+        if sel:
+            lines += [f"### {title}", "", markdown_table(sel), ""]
+            if group == "redis":
+                lines += ["Per command, median req/s:", "", redis_commands_markdown(sel), ""]
+    return "\n".join(lines)

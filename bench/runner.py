@@ -1,0 +1,350 @@
+"""Machinery of the benchmark suite: start a server on a given loop, drive it
+with a compiled load generator, measure server CPU.  Method: bench/README.md.
+"""
+
+import json
+import math
+import os
+import platform
+import re
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "bench" / ".build"
+RESULTS = REPO / "bench" / "results"
+HOST = "127.0.0.1"
+SERVER_CPU, LOAD_CPU = 0, 1
+GEN_BOUND_PCT = 90  # a generator using >= this much of its core may be the limit
+
+# How each loop starts a server script, unmodified.  asyncio: plain python.
+# uvloop has no `python -m uvloop`, so a tiny shim installs its policy and
+# runs the script as __main__ -- the same thing `python -m kbloop` does.
+UVLOOP_SHIM = (
+    "import asyncio, os, runpy, sys, uvloop;"
+    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy());"
+    "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(sys.argv[0]);"
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+LOOPS = {
+    "asyncio": {"argv": [], "module": "asyncio.", "probe": "import asyncio"},
+    "uvloop": {"argv": ["-c", UVLOOP_SHIM], "module": "uvloop.", "probe": "import uvloop"},
+    "kbloop": {
+        "argv": ["-m", "kbloop"],
+        "module": "kbloop",
+        # new_event_loop() falls back to asyncio when io_uring is unusable.
+        "probe": "import kbloop; l = kbloop.new_event_loop(); l.close();"
+                 "assert isinstance(l, kbloop.Loop), 'io_uring unusable: asyncio fallback'",
+    },
+}
+
+# The example servers, unmodified; the suite only chooses how to start them.
+SERVERS = {
+    "proto": ["examples/echo_protocol.py"],
+    "buffered": ["examples/echo_protocol.py", "--buffered"],
+    "streams": ["examples/echo_streams.py"],
+    "httptools": ["examples/http_server.py"],
+    "aiohttp": ["examples/aiohttp_server.py"],
+    "redis": ["examples/redis_server.py"],
+}
+
+# External load generators per scenario kind (echo_load is built from source).
+TOOLS = {"http": "wrk", "redis": "redis-benchmark"}
+
+
+def pin(cpu):
+    """preexec_fn that pins the child to one CPU (no-op without 2 CPUs)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def build_echo_load():
+    """Compile the load generator if it is missing or older than its source."""
+    src, exe = REPO / "bench" / "echo_load.c", BUILD / "echo_load"
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        BUILD.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def available(loop):
+    """(usable, reason): can this interpreter run the loop?"""
+    r = subprocess.run([sys.executable, "-c", LOOPS[loop]["probe"]], cwd=REPO,
+                       capture_output=True, text=True)
+    return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
+
+
+class Server:
+    """One example server process on one loop; fresh per measurement so no
+    state leaks between runs."""
+
+    def __init__(self, loop, server):
+        self.stderr = tempfile.TemporaryFile()
+        argv = [sys.executable, *LOOPS[loop]["argv"], *SERVERS[server],
+                "--host", HOST, "--port", "0"]
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=self.stderr,
+            preexec_fn=pin(SERVER_CPU),
+        )
+        line = self._readline(timeout=30)
+        m = re.match(r"listening on (\S+):(\d+)$", line.strip())
+        if not m:
+            self.stop()
+            raise RuntimeError(f"{loop} {server} server did not start: {line!r}\n"
+                               f"{self.error_output()}")
+        self.port = int(m.group(2))
+        # Guard against silently benchmarking the wrong loop (e.g. a policy
+        # that did not take effect): the examples report their loop class.
+        used = re.search(r"event loop: (\S+)", self.error_output())
+        if not used or not used.group(1).startswith(LOOPS[loop]["module"]):
+            self.stop()
+            raise RuntimeError(f"{loop} server runs on {used and used.group(1)}")
+
+    def _readline(self, timeout):
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout)
+        sel.close()
+        return self.proc.stdout.readline().decode() if ready else ""
+
+    def cpu_seconds(self):
+        # utime+stime of the whole thread group (includes io_uring workers).
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def error_output(self):
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")
+
+    def stop(self):
+        """SIGTERM and wait; returns the exit code (the examples exit 0)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc.stdout.close()
+        return rc
+
+
+# ---------------------------------------------------------------- load generators
+# Each returns a dict with at least: requests, rps, p50_us, p99_us, errors.
+
+def echo_load_argv(sc, port, seconds, rate=None):
+    argv = [str(build_echo_load()), "-H", HOST, "-p", str(port), "-c", str(sc.conns),
+            "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
+    return argv + (["-r", f"{rate:.0f}"] if rate else [])
+
+
+def run_tool(argv, timeout):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=pin(LOAD_CPU))
+
+
+def run_echo(sc, port, seconds, rate=None):
+    out = run_tool(echo_load_argv(sc, port, seconds, rate), seconds + 60)
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        raise RuntimeError(f"echo_load failed: {out.stdout}{out.stderr}") from None
+
+
+def run_wrk(sc, port, seconds):
+    argv = ["wrk", "-t1", f"-c{sc.conns}", f"-d{max(1, math.ceil(seconds))}s", "--latency",
+            f"http://{HOST}:{port}/"]
+    out = run_tool(argv, seconds + 60)
+    return parse_wrk(out.stdout + out.stderr)
+
+
+def parse_wrk(text):
+    def num(pattern, default=None):
+        m = re.search(pattern, text, re.M)
+        if not m:
+            if default is None:
+                raise RuntimeError(f"cannot parse wrk output:\n{text}")
+            return default
+        return m.groups()
+
+    def us(value, unit):
+        return float(value) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
+
+    socket_errors = num(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                        ("0",) * 4)
+    non_2xx = num(r"Non-2xx or 3xx responses: (\d+)", ("0",))
+    return {
+        "requests": int(num(r"(\d+) requests in")[0]),
+        "rps": float(num(r"Requests/sec:\s+([\d.]+)")[0]),
+        "p50_us": us(*num(r"^\s+50%\s+([\d.]+)(us|ms|s)\b")),
+        "p99_us": us(*num(r"^\s+99%\s+([\d.]+)(us|ms|s)\b")),
+        "errors": sum(map(int, socket_errors + non_2xx)),
+    }
+
+
+REDIS_TESTS = "ping,set,get,incr"
+
+
+def run_redis(sc, port, requests):
+    """redis-benchmark, fixed -n per command; one row per command in its CSV."""
+    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-c", str(sc.conns),
+            "-n", str(requests), "-P", str(sc.pipeline), "-t", REDIS_TESTS, "--csv"]
+    out = run_tool(argv, 600)
+    res = parse_redis_csv(out.stdout, requests)
+    # redis-benchmark stops with status 1 on an error reply ("Error from server").
+    res["errors"] += out.returncode != 0 or "error" in out.stderr.lower()
+    if res["errors"] and out.stderr:
+        print(f"\n  ! redis-benchmark: {out.stderr.strip()[-500:]}", file=sys.stderr)
+    return res
+
+
+def parse_redis_csv(text, requests_per_test):
+    rows = [line.replace('"', "").split(",") for line in text.splitlines() if line.strip()]
+    if not rows or rows[0][:2] != ["test", "rps"]:
+        raise RuntimeError(f"cannot parse redis-benchmark output:\n{text}")
+    head = rows[0]
+    tests = {r[0]: dict(zip(head[1:], map(float, r[1:]))) for r in rows[1:]}
+    if not tests:
+        return {"requests": 0, "rps": 0.0, "p50_us": 0.0, "p99_us": 0.0, "errors": 1, "tests": {}}
+    # Aggregate over the commands: total requests over total time; latency
+    # percentiles of the worst command.
+    seconds = sum(requests_per_test / t["rps"] for t in tests.values())
+    return {
+        "requests": requests_per_test * len(tests),
+        "rps": requests_per_test * len(tests) / seconds,
+        "p50_us": 1e3 * max(t["p50_latency_ms"] for t in tests.values()),
+        "p99_us": 1e3 * max(t["p99_latency_ms"] for t in tests.values()),
+        "errors": 0,
+        "tests": {name: t["rps"] for name, t in tests.items()},
+    }
+
+
+def run_load(sc, port, seconds, rate=None, warmup=False):
+    """One run of the scenario's load generator against the server at port."""
+    if sc.kind == "echo":
+        return run_echo(sc, port, seconds, rate)
+    if sc.kind == "http":
+        return run_wrk(sc, port, seconds)
+    if sc.kind == "redis":
+        return run_redis(sc, port, max(1000, sc.requests // 10) if warmup else sc.requests)
+    raise ValueError(sc.kind)
+
+
+# ---------------------------------------------------------------- measuring
+
+def machine_busy_seconds():
+    """user+nice+system time of all CPUs (irq/softirq excluded, as in /proc/PID/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system = map(int, f.readline().split()[1:4])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds():
+    """CPU of finished children, i.e. of the load generator runs."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+class Perf:
+    """perf record -g of one process for the duration of a with-block."""
+
+    def __init__(self, pid, output):
+        self.pid, self.output = pid, output
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["perf", "record", "-g", "-q", "-o", str(self.output),
+                                      "-p", str(self.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # let perf attach before the load starts
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+
+
+def measure(loop, sc, seconds, rate=None, warmup_s=0.5, profile_to=None):
+    """Fresh server, warm-up load (discarded), then the measured run.
+
+    rate: offered requests/s for an open-loop echo run (sc.open_of).
+    profile_to: a perf.data path: record the server during the measured run.
+    """
+    server = Server(loop, sc.server)
+    try:
+        if warmup_s:
+            run_load(sc, server.port, warmup_s, rate, warmup=True)
+        cpu0, busy0, load0 = server.cpu_seconds(), machine_busy_seconds(), children_cpu_seconds()
+        wall0 = time.monotonic()
+        if profile_to:
+            with Perf(server.proc.pid, profile_to):
+                res = run_load(sc, server.port, seconds, rate)
+        else:
+            res = run_load(sc, server.port, seconds, rate)
+        wall = time.monotonic() - wall0
+        cpu = server.cpu_seconds() - cpu0
+        gen = children_cpu_seconds() - load0
+        # CPU used by anything other than server and load generator: a busy
+        # machine (e.g. a compile running next to the suite) skews results.
+        other = machine_busy_seconds() - busy0 - cpu - gen
+    finally:
+        rc = server.stop()
+    if profile_to:
+        other = 0.0  # perf itself runs on the machine
+    res.setdefault("gen_cpu_pct", 100 * gen / wall)  # echo_load reports its own
+    res["server_cpu_s"] = cpu
+    res["server_cpu_pct"] = 100 * cpu / wall
+    res["other_cpu_s"] = max(0.0, other)
+    res["wall_s"] = wall
+    res["server_exit"] = rc
+    res["cpu_us_per_req"] = 1e6 * cpu / res["requests"] if res["requests"] else None
+    res["ok"] = res["errors"] == 0 and rc == 0 and res["requests"] > 0
+    if not res["ok"]:
+        tail = server.error_output()[-2000:]
+        print(f"\n  ! {loop} / {sc.name}: errors={res['errors']} exit={rc}\n{tail}", file=sys.stderr)
+    return res
+
+
+def machine_info():
+    """What a reader needs to compare numbers across machines."""
+    def version(argv, pattern=r"(\d[\w.~+-]*)"):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        m = re.search(pattern, out.stdout + out.stderr)
+        return m.group(1) if m else None
+
+    def module_version(name):
+        r = subprocess.run([sys.executable, "-c", f"import {name}; print({name}.__version__)"],
+                           cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip() or None
+
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "os": platform.freedesktop_os_release().get("PRETTY_NAME", "") if hasattr(
+            platform, "freedesktop_os_release") else "",
+        "versions": {
+            **{m: module_version(m) for m in ("kbloop", "uvloop", "aiohttp", "httptools")},
+            "wrk": version(["wrk", "-v"], r"wrk (\S+)"),
+            "redis-benchmark": version(["redis-benchmark", "--version"]),
+            "gcc": version(["gcc", "-dumpfullversion"]),
+        },
+        "server_cpu": SERVER_CPU,
+        "load_cpu": LOAD_CPU,
+    }

@@ -1,0 +1,86 @@
+"""The scenarios of each mode (--smoke, --quick, --full)."""
+
+from dataclasses import dataclass
+
+SIZES = {64: "64B", 1024: "1KiB", 16384: "16KiB", 102400: "100KiB"}
+OPEN_LOAD_FRACTION = 0.7  # open-loop rate: this fraction of the slowest loop's closed-loop rps
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str            # "echo" (bench/echo_load.c), "http" (wrk) or "redis" (redis-benchmark)
+    server: str          # key of runner.SERVERS
+    conns: int
+    msg_size: int = 0    # echo message size, bytes
+    pipeline: int = 1    # redis-benchmark -P
+    requests: int = 0    # redis-benchmark -n (per command)
+    open_of: str = ""    # open loop: the closed-loop scenario whose rps sets the offered rate
+
+    @property
+    def group(self):
+        if self.open_of:
+            return "open"
+        return self.kind
+
+
+def echo(server, size, conns):
+    return Scenario(f"{server} {SIZES[size]} c{conns}", "echo", server, conns, size)
+
+
+def open_loop(closed):
+    """Same server, size and connections as `closed`, at a fixed offered rate."""
+    return Scenario(f"open {closed.name}", "echo", closed.server, closed.conns, closed.msg_size,
+                    open_of=closed.name)
+
+
+def http(server, conns):
+    return Scenario(f"http {server} c{conns}", "http", server, conns)
+
+
+def redis(pipeline, conns, requests):
+    return Scenario(f"redis P{pipeline} c{conns}", "redis", "redis", conns,
+                    pipeline=pipeline, requests=requests)
+
+
+def full():
+    closed = [echo(server, size, conns) for server in ("proto", "buffered", "streams")
+              for size in SIZES for conns in (1, 8, 32, 128)]
+    by_name = {s.name: s for s in closed}
+    return closed + [
+        open_loop(by_name["proto 64B c32"]),
+        open_loop(by_name["proto 1KiB c32"]),
+        http("httptools", 8), http("httptools", 64),
+        http("aiohttp", 8), http("aiohttp", 64),
+        redis(1, 32, 20000), redis(16, 32, 100000),
+    ]
+
+
+def quick():
+    p64c32, p1kc32 = echo("proto", 64, 32), echo("proto", 1024, 32)
+    return [
+        echo("proto", 64, 1), p64c32, echo("proto", 1024, 1), p1kc32,
+        echo("proto", 102400, 8), echo("streams", 1024, 32),
+        open_loop(p64c32), open_loop(p1kc32),
+        http("httptools", 64), http("aiohttp", 64),
+        redis(16, 32, 100000),
+    ]
+
+
+def smoke():
+    """Every kind of scenario once, tiny: checks the machinery, not performance."""
+    p1k = echo("proto", 1024, 8)
+    return [
+        p1k, echo("buffered", 1024, 8), echo("streams", 1024, 8), echo("proto", 102400, 2),
+        open_loop(p1k),
+        http("httptools", 8), http("aiohttp", 8),
+        redis(1, 8, 200), redis(16, 8, 2000),
+    ]
+
+
+# mode: scenarios, measured rounds, seconds per run, per-run warm-up seconds, warm-up rounds
+MODES = {
+    "smoke": dict(scenarios=smoke, rounds=1, seconds=0.3, warmup_s=0, warmup_rounds=0),
+    "quick": dict(scenarios=quick, rounds=3, seconds=1.0, warmup_s=0.5, warmup_rounds=1),
+    "full": dict(scenarios=full, rounds=3, seconds=1.5, warmup_s=0.5, warmup_rounds=1),
+}

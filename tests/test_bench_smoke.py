@@ -1,0 +1,184 @@
+"""The benchmark suite (python -m bench) measures correct servers, not broken ones.
+
+Every example server the suite drives is started through the suite's own
+runner on every loop and checked byte for byte (echo), body for body (HTTP)
+and reply for reply (Redis, raw RESP and redis-py).  Then `python -m bench
+--smoke` runs every scenario once per loop with tiny counts and must report
+no errors from echo_load (which checks every echoed byte), wrk (non-2xx,
+socket errors) or redis-benchmark (error replies).  Benchmarks, never timed
+tests: no assertion here is about speed.
+"""
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from bench import runner, scenarios
+
+LOOPS = ["asyncio", "uvloop", "kbloop"]
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def loop(request):
+    ok, why = runner.available(request.param)
+    if not ok:
+        pytest.skip(f"{request.param} not usable: {why}")
+    return request.param
+
+
+@pytest.fixture
+def serve(loop):
+    """serve(server_key) -> port of that example server on this loop; stopped after."""
+    started = []
+
+    def _serve(key):
+        server = runner.Server(loop, key)
+        started.append(server)
+        return server.port
+
+    yield _serve
+    for server in started:
+        assert server.stop() == 0, server.error_output()[-2000:]
+
+
+def recv_exactly(sock, n):
+    chunks, got = [], 0
+    while got < n:
+        b = sock.recv(min(n - got, 1 << 16))
+        assert b, f"connection closed after {got} of {n} bytes"
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("key", ["proto", "buffered", "streams"])
+def test_echo_server_echoes_exact_bytes(serve, key):
+    port = serve(key)
+    with socket.create_connection((runner.HOST, port), timeout=10) as s:
+        for size in (1, 64, 1024, 16384, 102400):
+            payload = os.urandom(size)
+            s.sendall(payload)
+            assert recv_exactly(s, size) == payload
+
+
+@pytest.mark.parametrize("key", ["httptools", "aiohttp"])
+def test_http_server_body_keep_alive(serve, key):
+    port = serve(key)
+    conn = http.client.HTTPConnection(runner.HOST, port, timeout=10)
+    try:
+        for _ in range(3):  # same connection: keep-alive
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.read() == b"Hello, World!"
+            assert not resp.will_close
+    finally:
+        conn.close()
+
+
+def resp_command(*args):
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+def test_redis_server_replies(serve):
+    port = serve("redis")
+    with socket.create_connection((runner.HOST, port), timeout=10) as s:
+        def ask(request, expected):
+            s.sendall(request)
+            assert recv_exactly(s, len(expected)) == expected
+
+        ask(resp_command(b"PING"), b"+PONG\r\n")
+        ask(b"PING\r\n", b"+PONG\r\n")  # inline, as redis-benchmark's PING_INLINE
+        ask(resp_command(b"SET", b"k", b"v\r\nx"), b"+OK\r\n")  # binary-safe value
+        ask(resp_command(b"GET", b"k"), b"$4\r\nv\r\nx\r\n")
+        ask(resp_command(b"GET", b"missing"), b"$-1\r\n")
+        ask(resp_command(b"INCR", b"n"), b":1\r\n")
+        ask(resp_command(b"INCR", b"n"), b":2\r\n")
+        ask(resp_command(b"INCR", b"k"), b"-ERR value is not an integer or out of range\r\n")
+        ask(resp_command(b"NOPE"), b"-ERR unknown command 'NOPE'\r\n")
+
+        # Pipelining: 300 commands sent in 7-byte pieces, so commands are split
+        # across reads; every reply must come back, in order.
+        batch, expected = [], []
+        for i in range(100):
+            key, value = b"key:%d" % i, b"value-%d" % i
+            batch += [resp_command(b"SET", key, value), resp_command(b"GET", key),
+                      resp_command(b"INCR", b"counter")]
+            expected += [b"+OK\r\n", b"$%d\r\n%b\r\n" % (len(value), value), b":%d\r\n" % (i + 1)]
+        data = b"".join(batch)
+        for i in range(0, len(data), 7):
+            s.sendall(data[i:i + 7])
+        want = b"".join(expected)
+        assert recv_exactly(s, len(want)) == want
+
+
+def test_redis_server_with_redis_py(serve):
+    redis = pytest.importorskip("redis")
+    # RESP2: the example server does not speak RESP3 (redis-py 8 asks for it by default).
+    r = redis.Redis(host=runner.HOST, port=serve("redis"), socket_timeout=10, protocol=2)
+    try:
+        assert r.ping()
+        assert r.set("a", "1")
+        assert r.get("a") == b"1"
+        assert r.incr("a") == 2
+        pipe = r.pipeline(transaction=False)
+        for i in range(50):
+            pipe.set(f"p{i}", i).incr("pc")
+        results = pipe.execute()
+        assert results == [x for i in range(50) for x in (True, i + 1)]
+        assert r.get("p49") == b"49"
+    finally:
+        r.close()
+
+
+# ---------------------------------------------------------------- python -m bench --smoke
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out-dir", str(out)],
+                          cwd=runner.REPO, capture_output=True, text=True, timeout=300)
+    results = sorted(out.glob("smoke-*.json"))
+    return proc, json.loads(results[0].read_text()) if results else None, out
+
+
+@pytest.mark.parametrize("kind", ["echo", "http", "redis"])
+def test_smoke_mode_runs_every_scenario_without_errors(smoke_run, kind):
+    tool = runner.TOOLS.get(kind)
+    if tool and not shutil.which(tool):
+        pytest.skip(f"`{tool}` is not installed (bash scripts/setup.sh installs it)")
+    proc, data, _ = smoke_run
+    assert data is not None, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loops = data["meta"]["loops"]
+    assert "asyncio" in loops
+    for sc in scenarios.smoke():
+        if sc.kind != kind:
+            continue
+        for loop in loops:
+            runs = [x for x in data["samples"] if x["scenario"] == sc.name and x["loop"] == loop]
+            assert len(runs) == 1, (sc.name, loop)
+            (x,) = runs
+            assert x["ok"] and x["errors"] == 0 and x["server_exit"] == 0, (sc.name, loop, x)
+            assert x["requests"] > 0 and x["cpu_us_per_req"] is not None, (sc.name, loop, x)
+            if sc.open_of:
+                assert x["mode"] == "open" and x["missed"] == 0, (sc.name, loop, x)
+            if kind == "redis":
+                # PING_INLINE, PING_MBULK, SET, GET, INCR, each -n requests
+                assert len(x["tests"]) == 5 and x["requests"] == 5 * sc.requests, x
+
+
+def test_smoke_mode_writes_report_and_plots(smoke_run):
+    proc, data, out = smoke_run
+    assert data is not None, proc.stdout + proc.stderr
+    assert {t[0] for t in data["targets"]}  # target checks ran
+    assert len(list(out.glob("smoke-*.md"))) == 1
+    pytest.importorskip("matplotlib")
+    assert {p.name.rsplit("-", 1)[1] for p in out.glob("smoke-*.png")} == {
+        "throughput.png", "latency.png", "cpu.png"}
