@@ -17,7 +17,7 @@ import platform
 import warnings
 
 from kbloop_ext.core import (BackendUnavailable, Server, SocketTransport, UnixLoopMixin,
-                             UringDatapath, _CoreLoop, _set_worker_reuse_port,
+                             UringDatapath, _CoreLoop, _set_worker_reuse_port, _tune_malloc,
                              force_uring_failure, probe_io_uring)
 
 __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
@@ -72,6 +72,34 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
             _option(napi_busy_poll_us, 'KBLOOP_NAPI_US', 0))
         _CoreLoop.__init__(self, datapath)
         self._pin_cpu = cpu
+        _tune_malloc_once()
+
+
+_malloc_tuned = None
+
+
+def _tune_malloc_once():
+    """Raise glibc's heap trim threshold once per process (see docs/differences.md).
+
+    KBLOOP_MALLOC_TUNE=0 opts out; MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ or malloc
+    GLIBC_TUNABLES set by the user win, so we leave the allocator alone then.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    user_set = ('MALLOC_TRIM_THRESHOLD_' in os.environ or 'MALLOC_MMAP_THRESHOLD_' in os.environ
+                or 'glibc.malloc.' in os.environ.get('GLIBC_TUNABLES', ''))
+    if os.environ.get('KBLOOP_MALLOC_TUNE', '1') == '0' or user_set:
+        _malloc_tuned = False
+    else:
+        _malloc_tuned = _tune_malloc(MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    return _malloc_tuned
+
+
+# Freed heap memory up to this size stays in the process for the next receive; blocks from this
+# size up are mmapped (and unmapped on free) as glibc does for big blocks by default.
+MALLOC_TRIM_THRESHOLD = 32 << 20
+MALLOC_MMAP_THRESHOLD = 4 << 20
 
 
 def _option(value, env, default):

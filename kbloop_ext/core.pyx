@@ -29,6 +29,10 @@ cdef extern from "<sys/socket.h>":
     int MSG_NOSIGNAL
     int SHUT_WR, SHUT_RDWR
 
+cdef extern from "<malloc.h>":
+    int mallopt(int param, int value)
+    int M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
 cdef extern from "<poll.h>":
     int POLLIN, POLLOUT
 

@@ -16,6 +16,21 @@ _WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
 def _set_worker_reuse_port(bint flag):
     global _WORKER_REUSE_PORT
     _WORKER_REUSE_PORT = flag
+
+
+def _tune_malloc(int trim_threshold, int mmap_threshold):
+    """Keep glibc from returning the top of the heap to the kernel after every large free.
+
+    Every received chunk becomes a bytes object of up to recv_buffer_size bytes that is freed
+    once handled; with glibc's defaults (trim above 128 KiB) each free shrinks the heap with
+    brk() and the next allocation faults zeroed pages back in: at 100 KiB messages that page
+    fault churn cost 3-4x uvloop's CPU per request (bench/results/PROFILE.md).  Setting either
+    value also freezes glibc's dynamic mmap threshold, hence both.  Returns True if applied.
+    """
+    return bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) and \
+        bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+
+
 _connect_attempts = contextvars.ContextVar('kbloop_connect_attempts', default=None)
 cdef double MAXIMUM_TIMEOUT = 24 * 3600
 
