@@ -16,12 +16,14 @@ import os
 import platform
 import warnings
 
-from kbloop_ext.core import (BackendUnavailable, Server, SocketTransport, UnixLoopMixin,
+from kbloop_ext.core import (BackendUnavailable, Buffer, BufferPool, Server, SocketTransport,
+                             UnixLoopMixin, ZeroCopyProtocol,
                              UringDatapath, _CoreLoop, _set_worker_reuse_port, _tune_malloc,
                              force_uring_failure, probe_io_uring)
 
 __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
-           'BackendUnavailable', 'info', 'Server', 'SocketTransport']
+           'BackendUnavailable', 'info', 'Server', 'SocketTransport', 'Buffer', 'BufferPool',
+           'ZeroCopyProtocol']
 __version__ = '0.1.0'
 
 BACKENDS = ('io_uring',)
@@ -46,19 +48,28 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
     sqpoll: a kernel thread submits for us (sq_cpu pins it, sq_idle_ms is how long it spins
     before it sleeps).  napi_busy_poll_us: register NAPI busy polling (Linux 6.9+).
 
+    Zero-copy memory (docs/zerocopy.md): pool_limit_mb caps the buffer pool (the receive ring
+    included); hugepages: back its 2 MiB slabs with hugepages when the system has some reserved.
+
     Each default can also be set with an environment variable, so that `python -m kbloop` and
     uvicorn users can tune them: KBLOOP_RING_ENTRIES, KBLOOP_RECV_BUFFERS,
     KBLOOP_RECV_BUFFER_SIZE, KBLOOP_SINGLE_ISSUER=0, KBLOOP_BUSY_POLL=1, KBLOOP_CPU,
-    KBLOOP_SPIN_US, KBLOOP_SQPOLL=1, KBLOOP_SQ_CPU, KBLOOP_SQ_IDLE_MS, KBLOOP_NAPI_US.
+    KBLOOP_SPIN_US, KBLOOP_SQPOLL=1, KBLOOP_SQ_CPU, KBLOOP_SQ_IDLE_MS, KBLOOP_NAPI_US,
+    KBLOOP_POOL_LIMIT_MB, KBLOOP_HUGEPAGES=0.
     """
 
     def __init__(self, *, ring_entries=None, recv_buffers=None, recv_buffer_size=None,
                  single_issuer=None, busy_poll=None, cpu=None, spin_us=None, sqpoll=None,
-                 sq_cpu=None, sq_idle_ms=None, napi_busy_poll_us=None):
+                 sq_cpu=None, sq_idle_ms=None, napi_busy_poll_us=None, pool_limit_mb=None,
+                 hugepages=None):
         cpu = _option(cpu, 'KBLOOP_CPU', None)
         if cpu is not None and cpu not in os.sched_getaffinity(0):
             raise ValueError(f'cpu {cpu} is not one this process may run on '
                              f'({sorted(os.sched_getaffinity(0))})')
+        limit_mb = _option(pool_limit_mb, 'KBLOOP_POOL_LIMIT_MB', 1024)
+        if limit_mb < 2:
+            raise ValueError(f'pool_limit_mb must be at least 2, got {limit_mb}')
+        pool = BufferPool(limit_mb << 20, bool(_option(hugepages, 'KBLOOP_HUGEPAGES', 1)))
         datapath = UringDatapath(
             _option(ring_entries, 'KBLOOP_RING_ENTRIES', 4096),
             _option(recv_buffers, 'KBLOOP_RECV_BUFFERS', 512),
@@ -69,7 +80,7 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
             bool(_option(sqpoll, 'KBLOOP_SQPOLL', 0)),
             _option(sq_cpu, 'KBLOOP_SQ_CPU', -1),
             _option(sq_idle_ms, 'KBLOOP_SQ_IDLE_MS', 1000),
-            _option(napi_busy_poll_us, 'KBLOOP_NAPI_US', 0))
+            _option(napi_busy_poll_us, 'KBLOOP_NAPI_US', 0), pool)
         _CoreLoop.__init__(self, datapath)
         self._pin_cpu = cpu
         _tune_malloc_once()

@@ -18,6 +18,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.pythread cimport PyThread_get_thread_ident
 
 from kbloop_ext.uring.liburing cimport *
 
@@ -81,6 +82,7 @@ cdef class Listener
 cdef class FdWatch
 
 include "loop/handles.pxi"
+include "buffers/pool.pxi"
 include "datapath.pxi"
 include "transports/base.pxi"
 include "transports/stream.pxi"

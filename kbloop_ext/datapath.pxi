@@ -15,15 +15,35 @@
 #
 # Buffer ownership: received bytes live in the datapath's registered pool and are lent to
 # _on_data only for the duration of the call (the transport copies them into bytes or into a
-# BufferedProtocol's buffer); the buffer returns to the device right after.  Sent data is owned
+# BufferedProtocol's buffer); the buffer returns to the device right after.  For a
+# ZeroCopyProtocol the datapath instead hands the transport a kbloop.Buffer over the receive
+# buffer (StreamCore._on_buffer); the buffer goes back to the device when the application drops
+# the last reference (recv_buffer_returned).  A device must stop re-arming receives for
+# transports that hold too many buffers and when it runs out of them, and resume when they
+# come back: back-pressure, never loss.  Sent data is owned
 # by the transport's write queue until the datapath takes a batch of it with take_batch(); from
-# then on the datapath holds the objects (and their buffer exports) until the completion.
+# then on the datapath holds the objects (and their buffer exports) until the completion.  A
+# pool Buffer may be sent without any copy (registered memory: register_slab).
 
 
 cdef class Datapath:
     """Abstract device datapath.  Subclasses implement every method."""
     cdef readonly str name
     cdef _CoreLoop loop
+    cdef readonly BufferPool pool     # the loop's zero-copy memory, registered with the device
+
+    # -- zero-copy memory ------------------------------------------------------------------
+    cdef int register_slab(self, _Slab slab) except -1:
+        """Make slab usable for zero-copy sends (io_uring fixed buffers, DPDK external memory,
+        an RDMA memory region).  A device that cannot simply sends it the ordinary way."""
+        return 0
+
+    cdef int unregister_slab(self, _Slab slab) except -1:
+        return 0
+
+    cdef void recv_buffer_returned(self, uint32_t number, object holder) noexcept:
+        """The last Buffer over receive buffer `number`, filled for transport `holder`, is gone."""
+        pass
 
     cdef int poll(self, int64_t timeout_ns) except -1:
         """Submit queued operations, wait up to timeout_ns (<0 forever, 0 not at all) for

@@ -19,7 +19,7 @@ echo "== ASan pass: kbloop tests over an instrumented kbloop_ext.core"
 status=0
 LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 PYTHONMALLOC=malloc PYTHONPATH=$work \
-    $PY -m pytest tests -k "kbloop" -p no:cacheprovider \
+    $PY -m pytest tests -k "kbloop or zerocopy" -p no:cacheprovider \
         --ignore=tests/test_thirdparty_asyncpg.py --ignore=tests/test_thirdparty_redis.py \
         "$@" >asan.log 2>&1 || status=$?
 tail -3 asan.log

@@ -350,6 +350,17 @@ cdef class _CoreLoop:
     def backend(self):
         return self._dp.name
 
+    # -- zero-copy buffers ----------------------------------------------------------------------
+    def alloc_buffer(self, Py_ssize_t nbytes):
+        """A writable kbloop.Buffer of nbytes from this loop's zero-copy pool.  Fill it, then
+        transport.write(buf) sends it from where it is, without a copy."""
+        self._check_closed()
+        return self._dp.pool.alloc(nbytes)
+
+    @property
+    def buffer_pool(self):
+        return self._dp.pool
+
     # -- fd watches (add_reader / add_writer) -------------------------------------------------
     cdef _ensure_fd_no_transport(self, fd):
         cdef TransportCore transport = self._transports.get(fd)

@@ -4,6 +4,24 @@
 # send per loop iteration; close() flushes the queue first; abort() drops it.
 
 
+class ZeroCopyProtocol(protocols.Protocol):
+    """A stream protocol that receives the loop's receive buffers instead of bytes.
+
+    On kbloop, buffer_received(buf) gets a kbloop.Buffer over the memory the kernel received
+    into: no copy.  The protocol may keep it as long as it likes; the memory goes back to the
+    loop when the last reference is gone.  A connection that keeps half of the loop's receive
+    buffers stops receiving until it lets some go (back-pressure; nothing is lost).
+    On other loops data_received() passes the bytes on, so the same code runs on asyncio.
+    """
+
+    def buffer_received(self, buf):
+        """Called with a bytes-like object (kbloop.Buffer on kbloop, bytes elsewhere)."""
+        raise NotImplementedError
+
+    def data_received(self, data):
+        self.buffer_received(data)
+
+
 cdef class StreamCore(TransportCore):
     cdef:
         bint _is_buffered        # protocol is a BufferedProtocol: copy into its buffer
@@ -16,18 +34,27 @@ cdef class StreamCore(TransportCore):
         object _data_received    # protocol methods, looked up once per protocol
         object _get_buffer, _buffer_updated
         object _empty_waiter     # loop.sendfile(): resolved when every write has been sent
+        bint _zero_copy          # protocol is a ZeroCopyProtocol: lend it the receive buffers
+        object _buffer_received
+        bint _zero_copy_send     # pool Buffers may go out with SEND_ZC (TCP; not AF_UNIX)
+        bint _throttled          # holds too many receive buffers: not receiving until some return
+        Py_ssize_t _bufs_held    # receive buffers lent to the protocol and not yet returned
 
     def __init__(self, _CoreLoop loop, sock, protocol, waiter=None, extra=None, server=None):
         self._wbuf = []
         self._init_core(loop, sock, protocol, extra, server, SocketTransport)
         if sock.family != AF_UNIX:
             _set_nodelay(sock)
+        self._zero_copy_send = sock.family in (AF_INET, AF_INET6)
         self._start(waiter)
 
     cdef _set_protocol(self, protocol):
         self._protocol = protocol
+        self._zero_copy = isinstance(protocol, ZeroCopyProtocol)
         self._is_buffered = isinstance(protocol, protocols.BufferedProtocol)
-        if self._is_buffered:
+        if self._zero_copy:
+            self._buffer_received = protocol.buffer_received
+        elif self._is_buffered:
             self._get_buffer = protocol.get_buffer
             self._buffer_updated = protocol.buffer_updated
         else:
@@ -35,13 +62,28 @@ cdef class StreamCore(TransportCore):
 
     cdef _set_protocol_methods_none(self):
         self._data_received = self._get_buffer = self._buffer_updated = None
+        self._buffer_received = None
 
     # -- receive side ---------------------------------------------------------------------
     cdef _arm_recv(self):
         self._dp.recv_start(self)
 
     cdef bint _wants_recv(self):
-        return not self._eof_received and not self._stash_eof
+        return not self._eof_received and not self._stash_eof and not self._throttled
+
+    cdef void _on_buffer(self, Buffer buf) except *:
+        """A ZeroCopyProtocol's data: the receive buffer itself, the protocol's to keep."""
+        if self._closing or self._called_lost:
+            return
+        if self._paused_reading or self._stash:
+            self._stash.append(buf)
+            return
+        try:
+            self._buffer_received(buf)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, 'Fatal error: protocol.buffer_received() call failed.')
 
     cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
         """n bytes arrived in a pool buffer lent for this call only."""
@@ -112,8 +154,13 @@ cdef class StreamCore(TransportCore):
         """Hand data kept during a pause to the protocol (scheduled by resume_reading)."""
         cdef bytes data
         while self._stash and not self._paused_reading and not self._closing:
-            data = self._stash.pop(0)
+            item = self._stash.pop(0)
             try:
+                if self._zero_copy:
+                    self._buffer_received(item)
+                    continue
+                # bytes, or a Buffer kept for a ZeroCopyProtocol replaced by set_protocol()
+                data = item if type(item) is bytes else bytes(item)
                 if self._is_buffered:
                     self._feed_buffered(PyBytes_AS_STRING(data), len(data))
                 else:
@@ -259,7 +306,13 @@ class SocketTransport(_Facade, transports._FlowControlMixin):
 cdef object _as_sendable(data):
     """bytes are sent as they are; read-only memoryviews too (the caller cannot change them).
     Mutable buffers are copied once, as asyncio does, so that the caller may reuse them at
-    once after write() returns."""
+    once after write() returns.  A kbloop.Buffer is the zero-copy API: it is sent from where
+    it is and becomes read-only."""
+    if type(data) is Buffer:
+        if (<Buffer>data)._chunk is None:
+            raise ValueError('operation on a released kbloop.Buffer')
+        (<Buffer>data)._freeze()
+        return data
     if isinstance(data, memoryview):
         if (<memoryview>data).readonly and (<memoryview>data).c_contiguous:
             return data.cast('B') if (<memoryview>data).format != 'B' or (<memoryview>data).ndim != 1 else data

@@ -7,6 +7,9 @@
 
 DEF CQE_BATCH = 128
 DEF MAX_IOV = 1024          # IOV_MAX
+# Smaller pool Buffers are sent with an ordinary send (still no copy in user space): below this
+# the page pinning and the extra notification of SEND_ZC cost more than the copy they save.
+DEF ZC_MIN_BYTES = 16384
 DEF UDATA_TIMEOUT = 0xffffffffffffffff   # liburing's internal timeout SQE (pre-EXT_ARG kernels)
 
 cdef unsigned _SEND_FLAGS = MSG_NOSIGNAL
@@ -32,17 +35,23 @@ cdef class RecvOp(UringOp):
         if flags & IORING_CQE_F_BUFFER:
             bid = flags >> IORING_CQE_BUFFER_SHIFT
             r.bufs_out += 1
-            try:
-                if res > 0:
-                    self.t._on_data(kb_buf_ptr(r, bid), res)
-            finally:
-                kb_buf_recycle(r, bid)
+            if res > 0 and self.t._zero_copy:
+                # the Buffer owns the ring buffer now: it returns when the application drops it
+                self.t._on_buffer(self.dp._lend_recv_buffer(bid, res, self.t))
+            else:
+                try:
+                    if res > 0:
+                        self.t._on_data(kb_buf_ptr(r, bid), res)
+                finally:
+                    kb_buf_recycle(r, bid)
             if not (flags & IORING_CQE_F_MORE):
                 self.t._on_recv_done()
         elif res == 0:
             self.t._on_eof()
-        elif res == -ECANCELED or res == -ENOBUFS:
-            self.t._on_recv_done()          # stopped by us, or the ring ran dry: re-arm later
+        elif res == -ENOBUFS:
+            self.dp._park(self.t)           # the ring ran dry: re-armed when buffers come back
+        elif res == -ECANCELED:
+            self.t._on_recv_done()          # stopped by us
         elif res < 0:
             self.t._on_recv_error(-res)
         elif not (flags & IORING_CQE_F_MORE):
@@ -122,6 +131,35 @@ cdef class SendOp(UringOp):
     cdef void discard(self, int res, uint32_t flags):
         self.batch = None
         self._release()
+
+
+cdef class SendZcOp(UringOp):
+    """A zero-copy send of one pool Buffer from registered memory (SEND_ZC with a fixed
+    buffer).  Two completions: the result (the transport may send again), then the
+    notification that the kernel no longer reads the memory (the Buffer is let go)."""
+    cdef:
+        StreamCore t
+        Buffer buf
+
+    cdef void complete(self, int res, uint32_t flags) except *:
+        cdef Buffer buf = self.buf
+        if flags & IORING_CQE_F_NOTIF:
+            if <uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED:
+                self.dp.n_send_zc_copied += 1     # loopback: the kernel had to copy after all
+            self.buf = None
+            return
+        if not (flags & IORING_CQE_F_MORE):
+            self.buf = None                       # no notification follows (an error)
+        if res < 0:
+            self.t._on_send_error(-res, [buf])
+        elif res < buf._len:
+            self.t._on_sent(res, [buf[res:]])     # short send: the rest, still zero-copy
+        else:
+            self.t._on_sent(res, None)
+
+    cdef void discard(self, int res, uint32_t flags):
+        if flags & IORING_CQE_F_NOTIF or not (flags & IORING_CQE_F_MORE):
+            self.buf = None
 
 
 cdef class AcceptOp(UringOp):
@@ -362,11 +400,22 @@ cdef class UringDatapath(Datapath):
         uint64_t n_spin_hits, n_sleeps
         Py_ssize_t inflight          # ops the ring holds a reference to
         object enabled_thread
+        unsigned long enabled_ident
+        unsigned max_cqe_batch
+        # zero-copy memory
+        _Slab recv_slab              # the receive ring's buffers (memory of the pool)
+        set fixed_slots              # pool slab indexes registered as fixed buffers
+        bint fixed_ok                # the sparse fixed-buffer table exists
+        list parked                  # transports waiting for receive buffers
+        unsigned hold_limit          # receive buffers one transport may hold before it waits
+        unsigned resume_free         # free ring buffers needed to re-arm parked transports
+        uint64_t n_lent, n_throttles, n_starved, n_send_zc, n_send_zc_bytes, n_send_zc_copied
+        Py_ssize_t lent_now
 
     def __init__(self, unsigned entries=4096, unsigned nbufs=1024, unsigned bufsize=16384,
                  bint allow_defer=True, bint busy_poll=False, double spin_us=50,
                  bint sqpoll=False, int sq_cpu=-1, unsigned sq_idle_ms=1000,
-                 unsigned napi_busy_poll_us=0):
+                 unsigned napi_busy_poll_us=0, BufferPool pool=None):
         cdef char why[512]
         cdef int ret, mode
         why[0] = 0
@@ -400,11 +449,23 @@ cdef class UringDatapath(Datapath):
                 raise BackendUnavailable(f'IORING_REGISTER_NAPI: {os.strerror(-ret)} '
                                          f'(needs Linux 6.9+)')
             self.napi_us = napi_busy_poll_us
-        ret = kb_bufring_setup(&self.r, nbufs, bufsize, 0, why, sizeof(why))
+        self.pool = BufferPool() if pool is None else pool
+        self.recv_slab = self.pool.recv_region(nbufs, bufsize)
+        ret = kb_bufring_setup(&self.r, self.recv_slab.base, nbufs, bufsize, 0, why, sizeof(why))
         if ret:
             kb_ring_close(&self.r)
             self.opened = False
+            self.pool.release_region(self.recv_slab)
             raise BackendUnavailable(why.decode())
+        self.parked = []
+        self.hold_limit = max(1, nbufs // 2)
+        self.resume_free = max(1, nbufs // 8)
+        # A sparse table of fixed buffers that pool slabs are added to as they are made.
+        self.fixed_slots = set()
+        self.fixed_ok = (self.r.features & KB_F_SEND_ZC) and \
+            io_uring_register_buffers_sparse(&self.r.ring, MAX_SLAB_INDEX) == 0
+        if self.fixed_ok:
+            self.pool.attach(self)
         self.wake_fd = eventfd(0, EFD_CLOEXEC)
         if self.wake_fd < 0:
             kb_ring_close(&self.r)
@@ -445,6 +506,7 @@ cdef class UringDatapath(Datapath):
             if ret < 0:
                 raise OSError(-ret, 'io_uring enable: ' + os.strerror(-ret))
             self.enabled_thread = threading.get_ident()
+            self.enabled_ident = PyThread_get_thread_ident()
 
     cdef _arm_wakeup(self):
         cdef io_uring_sqe *s = self._sqe()
@@ -484,6 +546,9 @@ cdef class UringDatapath(Datapath):
         cdef int64_t spin
         if not self.r.enabled:
             self._enable()
+        kb_bufring_publish(&self.r)     # buffers the application let go of since the harvest
+        if self.parked:
+            self._unpark()
         if self.busy_poll and timeout_ns != 0:
             # Busy-poll: submit, then watch the CQ from user space (completions of this plain
             # ring land there without us entering the kernel); sleep only after the budget.
@@ -536,6 +601,8 @@ cdef class UringDatapath(Datapath):
                 n = io_uring_peek_batch_cqe(&self.r.ring, cqes, CQE_BATCH)
                 if n == 0:
                     break
+                if n > self.max_cqe_batch:
+                    self.max_cqe_batch = n
                 for i in range(n):
                     ud = cqes[i].user_data
                     res = cqes[i].res
@@ -582,6 +649,9 @@ cdef class UringDatapath(Datapath):
                          self.inflight)
         kb_ring_close(&self.r)
         self.opened = False
+        self.pool.detach(self)
+        self.pool.release_region(self.recv_slab)  # unmapped once no Buffer shows it
+        self.parked = []
         if self.wake_fd >= 0:
             close(self.wake_fd)
             self.wake_fd = -1
@@ -615,7 +685,10 @@ cdef class UringDatapath(Datapath):
             op.dp = self
             op.t = t
             t._dp_state = op
-        if self.r.features & KB_F_MULTISHOT_RECV:
+        # A ZeroCopyProtocol keeps the buffers it is given, so its receives take one buffer
+        # at a time: a multishot receive would fill every free buffer of the ring in one go
+        # and leave none to the other connections.
+        if self.r.features & KB_F_MULTISHOT_RECV and not t._zero_copy:
             io_uring_prep_recv_multishot(s, t._fd, NULL, 0, 0)
         else:
             io_uring_prep_recv(s, t._fd, NULL, self.r.bufsize, 0)
@@ -636,6 +709,17 @@ cdef class UringDatapath(Datapath):
         cdef list batch = t.take_batch()
         cdef io_uring_sqe *s
         cdef SendOp op = t._dp_send      # one send in flight per transport: reuse its op
+        cdef Py_ssize_t i
+        if self.fixed_slots and t._zero_copy_send:
+            # A pool Buffer goes alone, zero-copy; what is queued behind it waits its turn.
+            for i in range(len(batch)):
+                if self._zc_eligible(batch[i]):
+                    if i == 0:
+                        t._wbuf[0:0] = batch[1:]
+                        return self._send_zc(t, <Buffer>batch[0])
+                    t._wbuf[0:0] = batch[i:]
+                    batch = batch[:i]
+                    break
         if op is None:
             op = SendOp()
             op.dp = self
@@ -652,6 +736,97 @@ cdef class UringDatapath(Datapath):
             io_uring_prep_sendmsg(s, t._fd, &op.msg, _SEND_FLAGS)
         self._own(op, s)
         return 0
+
+    cdef bint _zc_eligible(self, object data):
+        cdef Buffer buf
+        if type(data) is not Buffer:
+            return False
+        buf = <Buffer>data
+        return (buf._len >= ZC_MIN_BYTES and buf._chunk is not None
+                and buf._chunk.home is self.pool and buf._chunk.slab.index in self.fixed_slots)
+
+    cdef int _send_zc(self, StreamCore t, Buffer buf) except -1:
+        cdef io_uring_sqe *s = self._sqe()
+        op = SendZcOp()
+        op.dp = self
+        op.t = t
+        op.buf = buf
+        io_uring_prep_send_zc_fixed(s, t._fd, buf._ptr, buf._len, _SEND_FLAGS,
+                                    IORING_SEND_ZC_REPORT_USAGE, buf._chunk.slab.index)
+        self._own(op, s)
+        self.n_send_zc += 1
+        self.n_send_zc_bytes += buf._len
+        return 0
+
+    # -- zero-copy memory -------------------------------------------------------------------
+    cdef int register_slab(self, _Slab slab) except -1:
+        cdef iovec iov
+        if not self.fixed_ok or not self.opened or slab.index < 0:
+            return 0
+        iov.iov_base = slab.base
+        iov.iov_len = slab.size
+        # Fails (EEXIST) from a thread other than a SINGLE_ISSUER ring's owner, or when the
+        # memory cannot be pinned (RLIMIT_MEMLOCK): the slab is then sent the ordinary way.
+        if io_uring_register_buffers_update_tag(&self.r.ring, slab.index, &iov, NULL, 1) == 1:
+            self.fixed_slots.add(slab.index)
+        return 0
+
+    cdef int unregister_slab(self, _Slab slab) except -1:
+        cdef iovec iov
+        if slab.index in self.fixed_slots:
+            self.fixed_slots.discard(slab.index)
+            if self.opened:
+                iov.iov_base = NULL
+                iov.iov_len = 0
+                io_uring_register_buffers_update_tag(&self.r.ring, slab.index, &iov, NULL, 1)
+        return 0
+
+    cdef Buffer _lend_recv_buffer(self, unsigned bid, int res, StreamCore t):
+        """Wrap ring buffer bid in a Buffer for t's ZeroCopyProtocol.  A transport holding
+        half the ring stops receiving until it gives some back (back-pressure)."""
+        cdef _Chunk chunk = _Chunk.__new__(_Chunk)
+        chunk.slab = self.recv_slab
+        chunk.home = self
+        chunk.kind = CHUNK_RECV
+        chunk.number = bid
+        chunk.holder = t
+        t._bufs_held += 1
+        self.lent_now += 1
+        self.n_lent += 1
+        if t._bufs_held >= self.hold_limit and not t._throttled:
+            t._throttled = True         # its one-shot receive is not re-armed (_wants_recv)
+            self.n_throttles += 1
+        return _new_buffer(chunk, kb_buf_ptr(&self.r, bid), res)
+
+    cdef void recv_buffer_returned(self, uint32_t number, object holder) noexcept:
+        cdef StreamCore t = <StreamCore>holder
+        self.lent_now -= 1
+        t._bufs_held -= 1
+        if not self.opened:
+            return          # the ring is gone; the memory is unmapped with its last Buffer
+        kb_buf_recycle(&self.r, number)
+        if t._throttled and t._bufs_held <= self.hold_limit // 2:
+            t._throttled = False
+            self.parked.append(t)
+        if self.parked and PyThread_get_thread_ident() != self.enabled_ident:
+            self.wakeup()   # let go in another thread: the loop may be asleep
+
+    cdef _park(self, StreamCore t):
+        t._recv_armed = False
+        t._recv_stopping = False
+        self.n_starved += 1
+        self.parked.append(t)
+
+    cdef _unpark(self):
+        """Re-arm parked receives once enough of the ring is free again."""
+        cdef StreamCore t
+        if self.r.nbufs - self.r.bufs_out < self.resume_free:
+            return
+        parked = self.parked
+        self.parked = []
+        for t in parked:
+            if not t._throttled and not t._recv_armed and t._wants_recv():
+                t._start_reading()
 
     cdef int shutdown_write(self, StreamCore t) except -1:
         cdef io_uring_sqe *s = self._sqe()
@@ -839,6 +1014,17 @@ cdef class UringDatapath(Datapath):
             'bufs_total': self.r.nbufs,
             'bufs_out': self.r.bufs_out,
             'buf_size': self.r.bufsize,
+            'max_cqe_batch': self.max_cqe_batch,
+            'recv_buffers_lent': self.lent_now,
+            'recv_lends': self.n_lent,
+            'recv_throttles': self.n_throttles,
+            'recv_starved': self.n_starved,
+            'recv_parked': len(self.parked),
+            'fixed_buffers': len(self.fixed_slots),
+            'send_zc': self.n_send_zc,
+            'send_zc_bytes': self.n_send_zc_bytes,
+            'send_zc_copied': self.n_send_zc_copied,
+            'pool': self.pool.stats(),
         }
 
     def features(self):

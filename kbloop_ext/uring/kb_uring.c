@@ -133,7 +133,7 @@ int kb_ring_enable(kb_ring *r) {
     return 0;
 }
 
-int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid,
+int kb_bufring_setup(kb_ring *r, char *mem, unsigned nbufs, unsigned bufsize, unsigned bgid,
                      char *why, size_t why_len) {
     long page = sysconf(_SC_PAGESIZE);
     if (nbufs == 0 || (nbufs & (nbufs - 1)) || nbufs > 32768) {
@@ -153,8 +153,9 @@ int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid
         return -errno;
     }
     r->pool_bytes = (size_t)nbufs * bufsize;
-    void *pool = mmap(NULL, r->pool_bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE,
-                      -1, 0);
+    /* mem: memory the caller owns (kbloop's buffer pool); NULL: map and own our own. */
+    void *pool = mem ? mem : mmap(NULL, r->pool_bytes, PROT_READ | PROT_WRITE,
+                                  MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     if (pool == MAP_FAILED) {
         int e = errno;
         munmap(br, r->br_bytes);
@@ -169,12 +170,13 @@ int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid
     int ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
     if (ret) {
         munmap(br, r->br_bytes);
-        munmap(pool, r->pool_bytes);
+        if (!mem) munmap(pool, r->pool_bytes);
         snprintf(why, why_len, "io_uring_register_buf_ring: %s", strerror(-ret));
         return ret;
     }
     r->br = br;
     r->pool = pool;
+    r->pool_owned = mem == NULL;
     r->nbufs = nbufs;
     r->bufsize = bufsize;
     r->bgid = bgid;
@@ -198,7 +200,7 @@ void kb_ring_close(kb_ring *r) {
         r->ring_open = 0;
     }
     if (r->pool) {
-        munmap(r->pool, r->pool_bytes);
+        if (r->pool_owned) munmap(r->pool, r->pool_bytes);
         r->pool = NULL;
     }
 }
@@ -275,7 +277,7 @@ int kb_probe(unsigned *features, unsigned *kernel_features, unsigned *setup_flag
     int ret = kb_ring_open(&r, 8, 16, KB_MODE_DEFAULT, -1, 0, why, why_len);
     if (ret) return ret;
     kb_ring_enable(&r);
-    ret = kb_bufring_setup(&r, 8, (unsigned)sysconf(_SC_PAGESIZE), 0, why, why_len);
+    ret = kb_bufring_setup(&r, NULL, 8, (unsigned)sysconf(_SC_PAGESIZE), 0, why, why_len);
     if (ret == 0) r.features |= KB_F_PBUF_RING;
     *features = r.features;
     *kernel_features = r.kernel_features;

@@ -22,6 +22,12 @@
 #ifndef IORING_RECVSEND_BUNDLE
 #define IORING_RECVSEND_BUNDLE (1U << 4)
 #endif
+#ifndef IORING_SEND_ZC_REPORT_USAGE
+#define IORING_SEND_ZC_REPORT_USAGE (1U << 3)
+#endif
+#ifndef IORING_NOTIF_USAGE_ZC_COPIED
+#define IORING_NOTIF_USAGE_ZC_COPIED (1U << 31)
+#endif
 #ifndef IORING_OP_BIND
 #define IORING_OP_BIND 56
 #endif
@@ -56,6 +62,7 @@ typedef struct kb_ring {
     size_t br_bytes;
     char *pool;
     size_t pool_bytes;
+    int pool_owned;            /* pool mapped here (else it belongs to kbloop's buffer pool) */
     unsigned nbufs, bufsize, bgid, br_mask;
     unsigned pending_recycle;  /* buffers added but not yet published (advance) */
     unsigned bufs_out;         /* buffers handed to us by the kernel, not yet recycled */
@@ -75,7 +82,7 @@ unsigned kb_spin_for_completions(kb_ring *r, int64_t spin_ns);
 int kb_register_napi(kb_ring *r, unsigned busy_poll_us, int prefer_busy_poll);
 /* Bind a SINGLE_ISSUER ring to the calling thread (no-op for other rings). */
 int kb_ring_enable(kb_ring *r);
-int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid,
+int kb_bufring_setup(kb_ring *r, char *mem, unsigned nbufs, unsigned bufsize, unsigned bgid,
                      char *why, size_t why_len);
 void kb_ring_close(kb_ring *r);
 

@@ -33,6 +33,9 @@ cdef extern from "kb_uring.h" nogil:
         uint32_t flags
 
     int IORING_CQE_F_MORE
+    int IORING_CQE_F_NOTIF
+    unsigned IORING_SEND_ZC_REPORT_USAGE
+    unsigned IORING_NOTIF_USAGE_ZC_COPIED
     int IORING_CQE_F_BUFFER
     int IORING_CQE_BUFFER_SHIFT
     int IOSQE_BUFFER_SELECT
@@ -82,6 +85,11 @@ cdef extern from "kb_uring.h" nogil:
     void io_uring_prep_read(io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes,
                             uint64_t offset)
     void io_uring_prep_nop(io_uring_sqe *sqe)
+    void io_uring_prep_send_zc_fixed(io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
+                                     int flags, unsigned zc_flags, unsigned buf_index)
+    int io_uring_register_buffers_sparse(io_uring *ring, unsigned nr)
+    int io_uring_register_buffers_update_tag(io_uring *ring, unsigned off, const iovec *iovecs,
+                                             const uint64_t *tags, unsigned nr)
 
     enum:
         KB_F_SINGLE_ISSUER, KB_F_COOP_TASKRUN, KB_F_EXT_ARG, KB_F_MULTISHOT_ACCEPT
@@ -106,7 +114,7 @@ cdef extern from "kb_uring.h" nogil:
     unsigned kb_spin_for_completions(kb_ring *r, int64_t spin_ns)
     int kb_register_napi(kb_ring *r, unsigned busy_poll_us, int prefer_busy_poll)
     int kb_ring_enable(kb_ring *r)
-    int kb_bufring_setup(kb_ring *r, unsigned nbufs, unsigned bufsize, unsigned bgid,
+    int kb_bufring_setup(kb_ring *r, char *mem, unsigned nbufs, unsigned bufsize, unsigned bgid,
                          char *why, size_t why_len)
     void kb_ring_close(kb_ring *r)
     char *kb_buf_ptr(kb_ring *r, unsigned bid)
