@@ -23,7 +23,7 @@ from kbloop_ext.core import (BackendUnavailable, Buffer, BufferPool, Server, Soc
 
 __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
            'BackendUnavailable', 'info', 'Server', 'SocketTransport', 'Buffer', 'BufferPool',
-           'ZeroCopyProtocol']
+           'ZeroCopyProtocol', 'format_stats']
 __version__ = '0.1.0'
 
 BACKENDS = ('io_uring',)
@@ -55,7 +55,8 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
     uvicorn users can tune them: KBLOOP_RING_ENTRIES, KBLOOP_RECV_BUFFERS,
     KBLOOP_RECV_BUFFER_SIZE, KBLOOP_SINGLE_ISSUER=0, KBLOOP_BUSY_POLL=1, KBLOOP_CPU,
     KBLOOP_SPIN_US, KBLOOP_SQPOLL=1, KBLOOP_SQ_CPU, KBLOOP_SQ_IDLE_MS, KBLOOP_NAPI_US,
-    KBLOOP_POOL_LIMIT_MB, KBLOOP_HUGEPAGES=0.
+    KBLOOP_POOL_LIMIT_MB, KBLOOP_HUGEPAGES=0.  KBLOOP_STATS=1 prints loop.stats() on one line
+    to stderr when the loop closes.
     """
 
     def __init__(self, *, ring_entries=None, recv_buffers=None, recv_buffer_size=None,
@@ -83,7 +84,28 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
             _option(napi_busy_poll_us, 'KBLOOP_NAPI_US', 0), pool)
         _CoreLoop.__init__(self, datapath)
         self._pin_cpu = cpu
+        self._stats_at_close = os.environ.get('KBLOOP_STATS') == '1'
         _tune_malloc_once()
+
+    def close(self):
+        if self._stats_at_close and not self.is_closed() and not self.is_running():
+            print(format_stats(self.stats()), file=sys.stderr, flush=True)
+        super().close()
+
+
+def format_stats(stats):
+    """loop.stats() as one line (what KBLOOP_STATS=1 / python -m kbloop --stats print at close)."""
+    iterations = stats['iterations'] or 1
+    pool = stats['pool']
+    return (f"kbloop[{os.getpid()}] mode={stats['mode']} iterations={stats['iterations']} "
+            f"sqes={stats['submissions']} cqes={stats['completions']} "
+            f"enters={stats['enters']} ({stats['enters'] / iterations:.2f}/iteration) "
+            f"cqes/iteration={stats['completions'] / iterations:.1f} "
+            f"max_batch={stats['max_cqe_batch']} spin_hits={stats['spin_hits']} "
+            f"sleeps={stats['sleeps']} recv_lends={stats['recv_lends']} "
+            f"throttles={stats['recv_throttles']} starved={stats['recv_starved']} "
+            f"send_zc={stats['send_zc']} (kernel copied {stats['send_zc_copied']}) "
+            f"pool={pool['in_use_bytes']}/{pool['mapped_bytes']} bytes in use")
 
 
 _malloc_tuned = None

@@ -4,6 +4,7 @@
     python -m kbloop [--backend io_uring] script.py [args...]
     python -m kbloop [--backend io_uring] -m package.module [args...]
     python -m kbloop --workers N [--busy-poll] script.py [args...]   # one loop per core
+    python -m kbloop --stats script.py     # each loop prints its counters when it closes
 """
 import argparse
 import json
@@ -47,6 +48,8 @@ def main(argv=None):
     parser.add_argument('--busy-poll', action='store_true',
                         help='busy-poll reactor (KBLOOP_BUSY_POLL=1); see docs/modes.md')
     parser.add_argument('--sqpoll', action='store_true', help='SQPOLL ring (KBLOOP_SQPOLL=1)')
+    parser.add_argument('--stats', action='store_true',
+                        help="print each loop's counters to stderr when it closes (KBLOOP_STATS=1)")
     parser.add_argument('-m', dest='module', help='run a library module as a script')
     parser.add_argument('script', nargs='?')
     parser.add_argument('args', nargs=argparse.REMAINDER)
@@ -59,6 +62,8 @@ def main(argv=None):
         os.environ['KBLOOP_BUSY_POLL'] = '1'
     if opts.sqpoll:
         os.environ['KBLOOP_SQPOLL'] = '1'
+    if opts.stats:
+        os.environ['KBLOOP_STATS'] = '1'
     if opts.workers is not None:
         from kbloop.workers import run_command
         # each worker runs this same command line, minus --workers

@@ -230,3 +230,18 @@ def test_python_m_kbloop_info_json_matches_info():
     assert data["io_uring"]["usable"] == kbloop.info()["io_uring"]["usable"]
     assert data["default_backend"] == kbloop.info()["default_backend"]
     assert set(data["io_uring"]) >= {"usable", "reason", "features", "setup_flags", "opcodes"}
+
+
+def test_python_m_kbloop_stats_prints_each_loops_counters(tmp_path):
+    script = tmp_path / "probe_script.py"
+    script.write_text(PROBE_SCRIPT)
+    r = run_py(["-m", "kbloop", "--stats", str(script)])
+    assert r.returncode == 0, r.stderr
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("kbloop[")]
+    assert len(line) == 1, r.stderr
+    fields = dict(f.split("=", 1) for f in line[0].split() if "=" in f)
+    assert fields["mode"] == "default"
+    assert int(fields["iterations"]) >= 1 and int(fields["sqes"]) >= 1
+    # without the flag, nothing is printed
+    r = run_py(["-m", "kbloop", str(script)])
+    assert "kbloop[" not in r.stderr
