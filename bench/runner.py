@@ -212,6 +212,8 @@ def parse_redis_csv(text, requests_per_test):
         raise RuntimeError(f"cannot parse redis-benchmark output:\n{text}")
     head = rows[0]
     tests = {r[0]: dict(zip(head[1:], map(float, r[1:]))) for r in rows[1:]}
+    # A test too short for redis-benchmark's millisecond clock reports 0 req/s: unmeasurable.
+    tests = {name: t for name, t in tests.items() if t["rps"] > 0}
     if not tests:
         return {"requests": 0, "rps": 0.0, "p50_us": 0.0, "p99_us": 0.0, "errors": 1, "tests": {}}
     # Aggregate over the commands: total requests over total time; latency

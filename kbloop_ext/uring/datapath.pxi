@@ -34,7 +34,7 @@ cdef class RecvOp(UringOp):
         cdef unsigned bid
         if flags & IORING_CQE_F_BUFFER:
             bid = flags >> IORING_CQE_BUFFER_SHIFT
-            r.bufs_out += 1
+            kb_buf_taken(r)
             if res > 0 and self.t._zero_copy:
                 # the Buffer owns the ring buffer now: it returns when the application drops it
                 self.t._on_buffer(self.dp._lend_recv_buffer(bid, res, self.t))
@@ -49,7 +49,8 @@ cdef class RecvOp(UringOp):
         elif res == 0:
             self.t._on_eof()
         elif res == -ENOBUFS:
-            self.dp._park(self.t)           # the ring ran dry: re-armed when buffers come back
+            kb_bufring_grow(r)              # the ring ran dry: let more buffers in,
+            self.dp._park(self.t)           # and re-arm when they are there
         elif res == -ECANCELED:
             self.t._on_recv_done()          # stopped by us
         elif res < 0:
@@ -59,7 +60,7 @@ cdef class RecvOp(UringOp):
 
     cdef void discard(self, int res, uint32_t flags):
         if flags & IORING_CQE_F_BUFFER:
-            self.dp.r.bufs_out += 1
+            kb_buf_taken(&self.dp.r)
             kb_buf_recycle(&self.dp.r, flags >> IORING_CQE_BUFFER_SHIFT)
 
 
@@ -1013,6 +1014,7 @@ cdef class UringDatapath(Datapath):
             'inflight': self.inflight,
             'bufs_total': self.r.nbufs,
             'bufs_out': self.r.bufs_out,
+            'ring_window': self.r.window,
             'buf_size': self.r.bufsize,
             'max_cqe_batch': self.max_cqe_batch,
             'recv_buffers_lent': self.lent_now,

@@ -162,6 +162,13 @@ int kb_bufring_setup(kb_ring *r, char *mem, unsigned nbufs, unsigned bufsize, un
         snprintf(why, why_len, "mmap of the buffer pool: %s", strerror(e));
         return -e;
     }
+    uint16_t *spare = malloc(sizeof(uint16_t) * nbufs);
+    if (!spare) {
+        munmap(br, r->br_bytes);
+        if (!mem) munmap(pool, r->pool_bytes);
+        snprintf(why, why_len, "out of memory for the buffer ring");
+        return -ENOMEM;
+    }
     struct io_uring_buf_reg reg;
     memset(&reg, 0, sizeof(reg));
     reg.ring_addr = (unsigned long)br;
@@ -171,6 +178,7 @@ int kb_bufring_setup(kb_ring *r, char *mem, unsigned nbufs, unsigned bufsize, un
     if (ret) {
         munmap(br, r->br_bytes);
         if (!mem) munmap(pool, r->pool_bytes);
+        free(spare);
         snprintf(why, why_len, "io_uring_register_buf_ring: %s", strerror(-ret));
         return ret;
     }
@@ -182,8 +190,12 @@ int kb_bufring_setup(kb_ring *r, char *mem, unsigned nbufs, unsigned bufsize, un
     r->bgid = bgid;
     r->br_mask = io_uring_buf_ring_mask(nbufs);
     io_uring_buf_ring_init(r->br);
-    r->bufs_out = nbufs;   /* kb_buf_recycle decrements: hand all of them to the kernel */
-    for (unsigned i = 0; i < nbufs; i++) kb_buf_recycle(r, i);
+    r->spare = spare;
+    r->nspare = 0;
+    r->in_ring = 0;
+    r->window = nbufs < KB_BUFRING_FIRST_WINDOW ? nbufs : KB_BUFRING_FIRST_WINDOW;
+    r->bufs_out = nbufs;   /* kb_buf_recycle decrements: every buffer starts spare */
+    for (unsigned i = nbufs; i-- > 0;) kb_buf_recycle(r, i);   /* buffer 0 on top */
     kb_bufring_publish(r);
     r->features |= KB_F_PBUF_RING;
     return 0;
@@ -194,6 +206,8 @@ void kb_ring_close(kb_ring *r) {
         if (r->ring_open) io_uring_unregister_buf_ring(&r->ring, (int)r->bgid);
         munmap(r->br, r->br_bytes);
         r->br = NULL;
+        free(r->spare);
+        r->spare = NULL;
     }
     if (r->ring_open) {
         io_uring_queue_exit(&r->ring);

@@ -66,7 +66,18 @@ typedef struct kb_ring {
     unsigned nbufs, bufsize, bgid, br_mask;
     unsigned pending_recycle;  /* buffers added but not yet published (advance) */
     unsigned bufs_out;         /* buffers handed to us by the kernel, not yet recycled */
+    /* The ring is FIFO: given all nbufs buffers, receives would cycle through all of them
+     * (32 MiB by default) and every copy would miss the caches.  So only a window of buffers
+     * is in the ring; the others wait in a LIFO stack, and refills take the most recently
+     * returned (cache-hot) buffers first.  The window doubles whenever the ring runs dry. */
+    uint16_t *spare;           /* stack of buffer ids not in the ring; top = last returned */
+    unsigned nspare;
+    unsigned window;           /* most buffers in the ring at once */
+    unsigned in_ring;          /* buffers in the ring (published or pending), not consumed */
+    unsigned window_growths;
 } kb_ring;
+
+#define KB_BUFRING_FIRST_WINDOW 32
 
 /* Ring modes.  DEFAULT sleeps in the kernel and prefers SINGLE_ISSUER|DEFER_TASKRUN.  BUSY is
  * a plain ring: completions land in the CQ without us entering the kernel, so the reactor can
@@ -89,17 +100,36 @@ void kb_ring_close(kb_ring *r);
 static inline char *kb_buf_ptr(kb_ring *r, unsigned bid) {
     return r->pool + (size_t)bid * r->bufsize;
 }
-/* Give buffer bid back to the kernel; published in batches by kb_bufring_publish(). */
+/* A completion handed us a buffer of the ring. */
+static inline void kb_buf_taken(kb_ring *r) {
+    r->bufs_out++;
+    r->in_ring--;
+}
+/* Give buffer bid back; it goes to the top of the spare stack, and from there to the ring at
+ * the next kb_bufring_publish(). */
 static inline void kb_buf_recycle(kb_ring *r, unsigned bid) {
-    io_uring_buf_ring_add(r->br, kb_buf_ptr(r, bid), r->bufsize, bid, r->br_mask,
-                          r->pending_recycle);
-    r->pending_recycle++;
+    r->spare[r->nspare++] = (uint16_t)bid;
     r->bufs_out--;
 }
+/* Top the ring up to its window from the spare stack's top, and publish. */
 static inline void kb_bufring_publish(kb_ring *r) {
+    while (r->in_ring < r->window && r->nspare) {
+        unsigned bid = r->spare[--r->nspare];
+        io_uring_buf_ring_add(r->br, kb_buf_ptr(r, bid), r->bufsize, bid, r->br_mask,
+                              r->pending_recycle);
+        r->pending_recycle++;
+        r->in_ring++;
+    }
     if (r->pending_recycle) {
         io_uring_buf_ring_advance(r->br, r->pending_recycle);
         r->pending_recycle = 0;
+    }
+}
+/* A receive found the ring empty: allow more buffers in it. */
+static inline void kb_bufring_grow(kb_ring *r) {
+    if (r->window < r->nbufs) {
+        r->window = r->window * 2 < r->nbufs ? r->window * 2 : r->nbufs;
+        r->window_growths++;
     }
 }
 

@@ -106,6 +106,7 @@ cdef extern from "kb_uring.h" nogil:
         char *pool
         unsigned nbufs, bufsize, bgid
         unsigned bufs_out
+        unsigned window, in_ring, nspare, window_growths
 
     enum:
         KB_MODE_DEFAULT, KB_MODE_NO_SINGLE_ISSUER, KB_MODE_BUSY, KB_MODE_SQPOLL
@@ -118,7 +119,9 @@ cdef extern from "kb_uring.h" nogil:
                          char *why, size_t why_len)
     void kb_ring_close(kb_ring *r)
     char *kb_buf_ptr(kb_ring *r, unsigned bid)
+    void kb_buf_taken(kb_ring *r)
     void kb_buf_recycle(kb_ring *r, unsigned bid)
+    void kb_bufring_grow(kb_ring *r)
     void kb_bufring_publish(kb_ring *r)
     int kb_submit_and_wait(kb_ring *r, int64_t timeout_ns)
     int kb_probe(unsigned *features, unsigned *kernel_features, unsigned *setup_flags,
