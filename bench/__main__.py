@@ -5,7 +5,8 @@ streams; HTTP: httptools, aiohttp; Redis protocol) on each loop, pinned to
 CPU 0, against compiled load generators pinned to CPU 1 (bench/echo_load.c,
 wrk, redis-benchmark), loops interleaved round by round.  Prints a table of
 medians and writes all samples (JSON), plots (PNG) and a markdown report to
-bench/results/.  Method: bench/README.md.
+bench/results/.  --modes compares kbloop's reactor modes (default, busy-poll,
+SQPOLL) with uvloop instead.  Method: bench/README.md.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -41,7 +43,11 @@ def parse_args(argv=None):
                       help="every combination, about 30 minutes; writes bench/results/LATEST.md")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="every kind of scenario once, tiny: checks the machinery (seconds)")
-    p.add_argument("--loops", default="asyncio,uvloop,kbloop", help="comma-separated")
+    mode.add_argument("--modes", dest="mode", action="store_const", const="modes",
+                      help="kbloop's reactor modes vs uvloop: c1 latency, c32 throughput, CPU "
+                           "per request, about 7 minutes; writes bench/results/MODES.md")
+    p.add_argument("--loops", help="comma-separated, from: " + ", ".join(LOOPS)
+                                   + " (default: the mode's; --smoke: all)")
     p.add_argument("--rounds", type=int, help="measured rounds (mode default)")
     p.add_argument("--warmup-rounds", type=int, help="discarded rounds first (mode default)")
     p.add_argument("--seconds", type=float, help="measured seconds per run (mode default)")
@@ -58,6 +64,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     defaults = MODES[args.mode]
+    args.loops = args.loops or ",".join(defaults["loops"])
     for key in ("rounds", "warmup_rounds", "seconds"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -175,8 +182,13 @@ def profile(args, loops, scenarios):
                         if line.strip() and not line.startswith("#")))
 
 
-def write_reports(rows, meta, stem, plots=True, latest=False):
-    """Terminal table and targets; stem.md and stem-*.png (and LATEST.md) beside stem.json."""
+# The modes whose complete runs also write a fixed-name copy of their report.
+LATEST = {"full": "LATEST.md", "modes": "MODES.md"}
+
+
+def write_reports(rows, meta, stem, plots=True, latest=None):
+    """Terminal table and targets; stem.md and stem-*.png (and `latest`, e.g. LATEST.md)
+    beside stem.json."""
     m = meta["machine"]
     targets = report.check_targets(rows)
     print(f"\nkbloop benchmark, {meta['mode']} mode: {meta['rounds']} round(s) x {meta['seconds']:g} s "
@@ -185,6 +197,11 @@ def write_reports(rows, meta, stem, plots=True, latest=False):
     print(report.text_table(rows))
     print("\nmedians over rounds; spread = (max-min)/median req/s; CPU us/req = server CPU per "
           "request; server/gen CPU = share of a core; GEN-BOUND = load generator may be the limit.")
+    modes = report.modes_table(rows)
+    if modes:
+        print("\nReactor modes vs uvloop (same run):\n")
+        print(modes)
+        print("\n" + textwrap.fill(report.MODES_NOTE, 100))
     print("\nTargets (kbloop vs uvloop):")
     print(report.targets_text(targets))
     for w in meta["warnings"]:
@@ -200,7 +217,7 @@ def write_reports(rows, meta, stem, plots=True, latest=False):
     written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *map(Path, pngs)]
     stem.with_suffix(".md").write_text(md)
     if latest:
-        written.append(stem.parent / "LATEST.md")
+        written.append(stem.parent / latest)
         written[-1].write_text(md)
     print("written: " + ", ".join(os.path.relpath(p, REPO) for p in written))
 
@@ -218,7 +235,7 @@ def main(argv=None):
         data["summary"], data["targets"] = rows, report.check_targets(rows)
         args.report.write_text(json.dumps(data, indent=1))
         return write_reports(rows, meta, stem, plots=not args.no_plots,
-                             latest=stem.name.startswith("full-") and stem.parent == RESULTS)
+                             latest=LATEST.get(meta["mode"]) if stem.parent == RESULTS else None)
     loops = usable_loops(args.loops)
     scenarios = usable_scenarios(args.scenarios)
     if len(os.sched_getaffinity(0)) < 2:
@@ -261,7 +278,7 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "summary": rows, "samples": samples, "targets": targets}, indent=1))
     write_reports(rows, meta, stem, plots=not args.no_plots,
-                  latest=args.mode == "full" and not args.only)
+                  latest=None if args.only else LATEST.get(args.mode))
     if broken or failed:
         sys.exit(1)
 
