@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from . import report
-from .runner import LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, machine_info, measure
+from .runner import (LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, machine_info,
+                     measure, noisy, wait_until_quiet)
 from .scenarios import MODES, OPEN_LOAD_FRACTION
 
 
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="measured rounds (mode default)")
     p.add_argument("--warmup-rounds", type=int, help="discarded rounds first (mode default)")
     p.add_argument("--seconds", type=float, help="measured seconds per run (mode default)")
+    p.add_argument("--noisy-retries", type=int, metavar="N",
+                   help="repeat a run up to N times, once the machine is quiet again, when other "
+                        "processes used >10%% of a CPU during it (mode default; --modes: 3)")
     p.add_argument("--only", help="run only scenarios whose name contains this text")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
     p.add_argument("--no-plots", action="store_true")
@@ -65,7 +69,7 @@ def parse_args(argv=None):
     args.mode = args.mode or "quick"
     defaults = MODES[args.mode]
     args.loops = args.loops or ",".join(defaults["loops"])
-    for key in ("rounds", "warmup_rounds", "seconds"):
+    for key in ("rounds", "warmup_rounds", "seconds", "noisy_retries"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.warmup_s = defaults["warmup_s"]
@@ -135,11 +139,19 @@ def run_rounds(args, loops, scenarios):
                 continue
             for loop in order:
                 done += 1
-                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<8}")
+                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<13}")
                 if loop in broken:
                     continue
                 try:
                     res = measure(loop, sc, args.seconds, rate, args.warmup_s)
+                    # On a shared machine (someone compiling), redo a disturbed run
+                    # rather than let it into the medians; the retries are recorded.
+                    retries = 0
+                    while noisy(res) and retries < args.noisy_retries:
+                        retries += 1
+                        wait_until_quiet(60)
+                        res = measure(loop, sc, args.seconds, rate, args.warmup_s)
+                    res["noisy_retries"] = retries
                 except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                     # e.g. the server did not start; a loop that keeps failing
                     # is dropped rather than slowing the whole run down.
@@ -154,7 +166,7 @@ def run_rounds(args, loops, scenarios):
                 failures[loop] = 0
                 samples.append({"round": rnd, "warmup": warmup, "scenario": sc.name,
                                 "loop": loop, **res})
-                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<8} "
+                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<13} "
                          f"{res['rps']:>10,.0f} req/s  {res['cpu_us_per_req'] or 0:6.1f} us CPU/req",
                          final=True)
     return samples, broken
@@ -255,10 +267,14 @@ def main(argv=None):
     targets = report.check_targets(rows)  # also stored in the JSON
     measured = [x for x in samples if not x["warmup"] and "failure" not in x]
     warnings = []
-    busy = [x for x in measured if x["other_cpu_s"] > 0.1 * x["wall_s"]]
+    busy = [x for x in measured if noisy(x)]
     if busy:
         warnings.append(f"other processes used >10% of a CPU during {len(busy)} of {len(measured)} "
                         "runs; rerun on a quiet machine for trustworthy numbers.")
+    repeated = sum(x.get("noisy_retries", 0) for x in samples)
+    if repeated:
+        warnings.append(f"{repeated} disturbed run(s) were repeated (--noisy-retries "
+                        f"{args.noisy_retries}); only the last try of each is kept.")
     failed = [f"{x['loop']}/{x['scenario']}" for x in samples if not x["ok"]]
     if failed:
         warnings.append(f"discarded runs with errors: {', '.join(failed)}")
@@ -269,6 +285,7 @@ def main(argv=None):
     meta = {"mode": args.mode, "date": now.isoformat(timespec="seconds"),
             "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "seconds": args.seconds,
+            "noisy_retries": args.noisy_retries,
             "warmup_s": args.warmup_s, "open_load_fraction": OPEN_LOAD_FRACTION,
             "loops": loops, "duration_s": duration, "warnings": warnings,
             "machine": machine_info()}

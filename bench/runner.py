@@ -21,6 +21,7 @@ BUILD = REPO / "bench" / ".build"
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
 GEN_BOUND_PCT = 90  # a generator using >= this much of its core may be the limit
+NOISY_SHARE = 0.1  # other processes using more than this share of a CPU skew a run
 
 # How each loop starts a server script, unmodified.  asyncio: plain python.
 # uvloop has no `python -m uvloop`, so a tiny shim installs its policy and
@@ -332,6 +333,22 @@ def measure(loop, sc, seconds, rate=None, warmup_s=0.5, profile_to=None):
         tail = server.error_output()[-2000:]
         print(f"\n  ! {loop} / {sc.name}: errors={res['errors']} exit={rc}\n{tail}", file=sys.stderr)
     return res
+
+
+def noisy(res):
+    """Did something besides server and load generator use the machine during this run?"""
+    return res["other_cpu_s"] > NOISY_SHARE * res["wall_s"]
+
+
+def wait_until_quiet(timeout, window=1.0):
+    """Wait (up to timeout seconds) for a window in which the machine is nearly idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy0 = machine_busy_seconds()
+        time.sleep(window)
+        if machine_busy_seconds() - busy0 <= NOISY_SHARE * window:
+            return True
+    return False
 
 
 def machine_info():

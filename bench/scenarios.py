@@ -91,16 +91,16 @@ def modes():
 BASE_LOOPS = ["asyncio", "uvloop", "kbloop"]
 
 # mode: scenarios, default loops, measured rounds, seconds per run, per-run warm-up
-# seconds, warm-up rounds.  --smoke also runs the reactor-mode loops, so the smoke
+# seconds, warm-up rounds, repeats of a run disturbed by other processes.  --smoke also runs the reactor-mode loops, so the smoke
 # test covers their servers.
 MODES = {
     "smoke": dict(scenarios=smoke, loops=list(LOOPS), rounds=1, seconds=0.3, warmup_s=0,
-                  warmup_rounds=0),
+                  warmup_rounds=0, noisy_retries=0),
     "quick": dict(scenarios=quick, loops=BASE_LOOPS, rounds=3, seconds=1.0, warmup_s=0.5,
-                  warmup_rounds=1),
+                  warmup_rounds=1, noisy_retries=0),
     "full": dict(scenarios=full, loops=BASE_LOOPS, rounds=3, seconds=1.5, warmup_s=0.5,
-                 warmup_rounds=1),
+                 warmup_rounds=1, noisy_retries=0),
     # More rounds than quick/full: c1 latency percentiles move more between runs.
     "modes": dict(scenarios=modes, loops=MODE_LOOPS, rounds=7, seconds=2.0, warmup_s=0.5,
-                  warmup_rounds=1),
+                  warmup_rounds=1, noisy_retries=3),
 }
