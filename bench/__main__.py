@@ -5,7 +5,8 @@ streams; HTTP: httptools, aiohttp; Redis protocol) on each loop, pinned to
 CPU 0, against compiled load generators pinned to CPU 1 (bench/echo_load.c,
 wrk, redis-benchmark), loops interleaved round by round.  Prints a table of
 medians and writes all samples (JSON), plots (PNG) and a markdown report to
-bench/results/.  Method: bench/README.md.
+bench/results/.  --modes compares kbloop's reactor modes (default, busy-poll,
+SQPOLL) with uvloop instead.  Method: bench/README.md.
 """
 
 import argparse
@@ -16,11 +17,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from . import report
-from .runner import LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, machine_info, measure
+from .runner import (LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, machine_info,
+                     measure, noisy, wait_until_quiet)
 from .scenarios import MODES, OPEN_LOAD_FRACTION
 
 
@@ -41,10 +44,17 @@ def parse_args(argv=None):
                       help="every combination, about 30 minutes; writes bench/results/LATEST.md")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="every kind of scenario once, tiny: checks the machinery (seconds)")
-    p.add_argument("--loops", default="asyncio,uvloop,kbloop", help="comma-separated")
+    mode.add_argument("--modes", dest="mode", action="store_const", const="modes",
+                      help="kbloop's reactor modes vs uvloop: c1 latency, c32 throughput, CPU "
+                           "per request, about 7 minutes; writes bench/results/MODES.md")
+    p.add_argument("--loops", help="comma-separated, from: " + ", ".join(LOOPS)
+                                   + " (default: the mode's; --smoke: all)")
     p.add_argument("--rounds", type=int, help="measured rounds (mode default)")
     p.add_argument("--warmup-rounds", type=int, help="discarded rounds first (mode default)")
     p.add_argument("--seconds", type=float, help="measured seconds per run (mode default)")
+    p.add_argument("--noisy-retries", type=int, metavar="N",
+                   help="repeat a run up to N times, once the machine is quiet again, when other "
+                        "processes used >10%% of a CPU during it (mode default; --modes: 3)")
     p.add_argument("--only", help="run only scenarios whose name contains this text")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
     p.add_argument("--no-plots", action="store_true")
@@ -58,7 +68,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     defaults = MODES[args.mode]
-    for key in ("rounds", "warmup_rounds", "seconds"):
+    args.loops = args.loops or ",".join(defaults["loops"])
+    for key in ("rounds", "warmup_rounds", "seconds", "noisy_retries"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.warmup_s = defaults["warmup_s"]
@@ -128,11 +139,19 @@ def run_rounds(args, loops, scenarios):
                 continue
             for loop in order:
                 done += 1
-                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<8}")
+                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<13}")
                 if loop in broken:
                     continue
                 try:
                     res = measure(loop, sc, args.seconds, rate, args.warmup_s)
+                    # On a shared machine (someone compiling), redo a disturbed run
+                    # rather than let it into the medians; the retries are recorded.
+                    retries = 0
+                    while noisy(res) and retries < args.noisy_retries:
+                        retries += 1
+                        wait_until_quiet(60)
+                        res = measure(loop, sc, args.seconds, rate, args.warmup_s)
+                    res["noisy_retries"] = retries
                 except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                     # e.g. the server did not start; a loop that keeps failing
                     # is dropped rather than slowing the whole run down.
@@ -147,7 +166,7 @@ def run_rounds(args, loops, scenarios):
                 failures[loop] = 0
                 samples.append({"round": rnd, "warmup": warmup, "scenario": sc.name,
                                 "loop": loop, **res})
-                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<8} "
+                progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<13} "
                          f"{res['rps']:>10,.0f} req/s  {res['cpu_us_per_req'] or 0:6.1f} us CPU/req",
                          final=True)
     return samples, broken
@@ -175,8 +194,13 @@ def profile(args, loops, scenarios):
                         if line.strip() and not line.startswith("#")))
 
 
-def write_reports(rows, meta, stem, plots=True, latest=False):
-    """Terminal table and targets; stem.md and stem-*.png (and LATEST.md) beside stem.json."""
+# The modes whose complete runs also write a fixed-name copy of their report.
+LATEST = {"full": "LATEST.md", "modes": "MODES.md"}
+
+
+def write_reports(rows, meta, stem, plots=True, latest=None):
+    """Terminal table and targets; stem.md and stem-*.png (and `latest`, e.g. LATEST.md)
+    beside stem.json."""
     m = meta["machine"]
     targets = report.check_targets(rows)
     print(f"\nkbloop benchmark, {meta['mode']} mode: {meta['rounds']} round(s) x {meta['seconds']:g} s "
@@ -185,6 +209,11 @@ def write_reports(rows, meta, stem, plots=True, latest=False):
     print(report.text_table(rows))
     print("\nmedians over rounds; spread = (max-min)/median req/s; CPU us/req = server CPU per "
           "request; server/gen CPU = share of a core; GEN-BOUND = load generator may be the limit.")
+    modes = report.modes_table(rows)
+    if modes:
+        print("\nReactor modes vs uvloop (same run):\n")
+        print(modes)
+        print("\n" + textwrap.fill(report.MODES_NOTE, 100))
     print("\nTargets (kbloop vs uvloop):")
     print(report.targets_text(targets))
     for w in meta["warnings"]:
@@ -200,7 +229,7 @@ def write_reports(rows, meta, stem, plots=True, latest=False):
     written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *map(Path, pngs)]
     stem.with_suffix(".md").write_text(md)
     if latest:
-        written.append(stem.parent / "LATEST.md")
+        written.append(stem.parent / latest)
         written[-1].write_text(md)
     print("written: " + ", ".join(os.path.relpath(p, REPO) for p in written))
 
@@ -218,7 +247,7 @@ def main(argv=None):
         data["summary"], data["targets"] = rows, report.check_targets(rows)
         args.report.write_text(json.dumps(data, indent=1))
         return write_reports(rows, meta, stem, plots=not args.no_plots,
-                             latest=stem.name.startswith("full-") and stem.parent == RESULTS)
+                             latest=LATEST.get(meta["mode"]) if stem.parent == RESULTS else None)
     loops = usable_loops(args.loops)
     scenarios = usable_scenarios(args.scenarios)
     if len(os.sched_getaffinity(0)) < 2:
@@ -238,10 +267,14 @@ def main(argv=None):
     targets = report.check_targets(rows)  # also stored in the JSON
     measured = [x for x in samples if not x["warmup"] and "failure" not in x]
     warnings = []
-    busy = [x for x in measured if x["other_cpu_s"] > 0.1 * x["wall_s"]]
+    busy = [x for x in measured if noisy(x)]
     if busy:
         warnings.append(f"other processes used >10% of a CPU during {len(busy)} of {len(measured)} "
                         "runs; rerun on a quiet machine for trustworthy numbers.")
+    repeated = sum(x.get("noisy_retries", 0) for x in samples)
+    if repeated:
+        warnings.append(f"{repeated} disturbed run(s) were repeated (--noisy-retries "
+                        f"{args.noisy_retries}); only the last try of each is kept.")
     failed = [f"{x['loop']}/{x['scenario']}" for x in samples if not x["ok"]]
     if failed:
         warnings.append(f"discarded runs with errors: {', '.join(failed)}")
@@ -252,6 +285,7 @@ def main(argv=None):
     meta = {"mode": args.mode, "date": now.isoformat(timespec="seconds"),
             "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "seconds": args.seconds,
+            "noisy_retries": args.noisy_retries,
             "warmup_s": args.warmup_s, "open_load_fraction": OPEN_LOAD_FRACTION,
             "loops": loops, "duration_s": duration, "warnings": warnings,
             "machine": machine_info()}
@@ -261,7 +295,7 @@ def main(argv=None):
     stem.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "summary": rows, "samples": samples, "targets": targets}, indent=1))
     write_reports(rows, meta, stem, plots=not args.no_plots,
-                  latest=args.mode == "full" and not args.only)
+                  latest=None if args.only else LATEST.get(args.mode))
     if broken or failed:
         sys.exit(1)
 

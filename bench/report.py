@@ -54,6 +54,9 @@ def summarize(samples, loops, scenarios):
                 row[f"vs_{ref}"] = row["rps"] / med[ref]["rps"] if ref in med else None
             row["cpu_vs_uvloop"] = (row["cpu_us_per_req"] / med["uvloop"]["cpu_us_per_req"]
                                     if "uvloop" in med else None)
+            for p in ("p50_us", "p99_us"):
+                ref = med.get("uvloop", {}).get(p)
+                row[f"{p[:-3]}_vs_uvloop"] = row[p] / ref if ref and row[p] is not None else None
             rows.append(row)
     return rows
 
@@ -113,6 +116,63 @@ def redis_commands_markdown(rows):
         out.append(f"| {r['scenario']} | {r['loop']} | "
                    + " | ".join(f"{r['tests'].get(t, 0):,.0f}" for t in tests) + " |")
     return "\n".join(out)
+
+
+def _modes_columns(rows):
+    """(header, scenario, value key, ratio key) for the modes table: latency at c1,
+    throughput and CPU per request under load, CPU per request at a fixed offered load."""
+    cols = []
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        r = next(x for x in rows if x["scenario"] == name)
+        short = name.replace("proto ", "")
+        if r["group"] == "echo" and r["conns"] == 1:
+            cols += [(f"{short} p50 us", name, "p50_us", "p50_vs_uvloop"),
+                     (f"{short} p99 us", name, "p99_us", "p99_vs_uvloop")]
+        elif r["group"] == "echo":
+            cols += [(f"{short} req/s", name, "rps", "vs_uvloop"),
+                     (f"{short} CPU us/req", name, "cpu_us_per_req", "cpu_vs_uvloop")]
+        else:
+            cols.append((f"{short} CPU us/req", name, "cpu_us_per_req", "cpu_vs_uvloop"))
+    return cols
+
+
+def modes_table(rows, markdown=False):
+    """One line per loop, ratios to uvloop in brackets: the reactor-mode comparison.
+    Empty unless the run has a kbloop reactor-mode loop (kbloop-busy, kbloop-sqpoll)."""
+    loops = list(dict.fromkeys(r["loop"] for r in rows))
+    if not any(loop.startswith("kbloop-") for loop in loops):
+        return ""
+    by = {(r["scenario"], r["loop"]): r for r in rows}
+    cols = _modes_columns(rows)
+    body = []
+    for loop in loops:
+        line = [loop]
+        for _, name, key, ratio in cols:
+            r = by.get((name, loop))
+            if r is None or r[key] is None:
+                line.append("-")
+                continue
+            v = f"{r[key]:.1f}" if key == "cpu_us_per_req" else f"{r[key]:,.0f}"
+            line.append(v + (f" ({r[ratio]:.2f}x)" if r[ratio] is not None and loop != "uvloop" else ""))
+        body.append(line)
+    head = ["loop"] + [c[0] for c in cols]
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |",
+                          "|---|" + "---:|" * len(cols)]
+                         + ["| " + " | ".join(line) + " |" for line in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(line, widths)))
+                     for line in [head, ["-" * w for w in widths]] + body)
+
+
+MODES_NOTE = (
+    "Ratios (in brackets) are to uvloop's median in the same run; below 1 is better for "
+    "latency and CPU, above 1 for req/s. Busy-poll spins on its core while traffic flows, "
+    "so its server uses about 100% of a core at any load: at c1 its CPU per request is "
+    "1/(req/s), the cost of spinning, not of the work. The fair CPU comparisons are c32 "
+    "(every loop saturates its core) and the open-loop row (same offered load for all). "
+    "SQPOLL's kernel thread is a thread of the server process, so its CPU is included.")
 
 
 # ---------------------------------------------------------------- targets
@@ -177,6 +237,20 @@ def check_targets(rows):
         verdict(sel, failed),
         [line(uv, kb, f"{kb['vs_uvloop']:.2f}x uvloop's requests/s, "
                       f"{kb['cpu_vs_uvloop']:.2f}x its CPU per request") for uv, kb in sel]))
+
+    # 5. Issue 5, reactor modes: busy-poll (pinned) p50 round trip at c1 <= 0.8x uvloop's.
+    # Only in runs with the busy-poll loop (python -m bench --modes).
+    busy = [r for r in rows if r["loop"] == "kbloop-busy"]
+    if busy:
+        sel = [(by[(r["scenario"], "uvloop")], r) for r in busy
+               if r["group"] == "echo" and r["conns"] == 1 and (r["scenario"], "uvloop") in by]
+        failed = [p for p in sel if p[1]["p50_vs_uvloop"] > 0.8]
+        results.append((
+            "busy-poll p50 <= 0.8x uvloop (round trip at 1 connection, kbloop-busy)",
+            verdict(sel, failed),
+            [f"{kb['scenario']}: kbloop-busy p50 {kb['p50_us']:.0f} vs uvloop {uv['p50_us']:.0f} us "
+             f"= {kb['p50_vs_uvloop']:.2f}x" + (" MISSED" if (uv, kb) in failed else "")
+             for uv, kb in sel]))
     return results
 
 
@@ -190,7 +264,8 @@ def targets_text(results, bullet="  "):
 
 # ---------------------------------------------------------------- plots
 
-LOOP_COLORS = {"asyncio": "#7f7f7f", "uvloop": "#1f77b4", "kbloop": "#d62728"}
+LOOP_COLORS = {"asyncio": "#7f7f7f", "uvloop": "#1f77b4", "kbloop": "#d62728",
+               "kbloop-busy": "#ff7f0e", "kbloop-sqpoll": "#2ca02c"}
 
 
 def plot_all(rows, loops, stem):
@@ -343,6 +418,9 @@ def markdown_report(rows, meta, targets, plots):
               targets_text(targets, bullet=""), "```", "",
               "Where kbloop misses a target, [PROFILE.md](PROFILE.md) has a profile of the kbloop "
               "server in that scenario and where its time goes.", ""]
+    modes = modes_table(rows, markdown=True)
+    if modes:
+        lines += ["## Reactor modes vs uvloop", "", modes, "", MODES_NOTE, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Results", "",

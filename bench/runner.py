@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "bench" / ".build"
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
-SERVER_CPU, LOAD_CPU = 0, 1
 GEN_BOUND_PCT = 90  # a generator using >= this much of its core may be the limit
+NOISY_SHARE = 0.1  # other processes using more than this share of a CPU skew a run
 
 # How each loop starts a server script, unmodified.  asyncio: plain python.
 # uvloop has no `python -m uvloop`, so a tiny shim installs its policy and
@@ -32,17 +32,41 @@ UVLOOP_SHIM = (
     "sys.argv = sys.argv[1:]; sys.path[0] = os.path.dirname(sys.argv[0]);"
     "runpy.run_path(sys.argv[0], run_name='__main__')"
 )
+SERVER_CPU, LOAD_CPU = 0, 1
+
+
+def kbloop_probe(mode="default"):
+    # new_event_loop() falls back to asyncio when io_uring (or the mode) is unusable.
+    return ("import kbloop; l = kbloop.new_event_loop(); l.close();"
+            "assert isinstance(l, kbloop.Loop), 'io_uring unusable: asyncio fallback';"
+            f"assert l.stats()['mode'] == {mode!r}, 'mode is ' + l.stats()['mode']")
+
+
 LOOPS = {
     "asyncio": {"argv": [], "module": "asyncio.", "probe": "import asyncio"},
     "uvloop": {"argv": ["-c", UVLOOP_SHIM], "module": "uvloop.", "probe": "import uvloop"},
-    "kbloop": {
-        "argv": ["-m", "kbloop"],
-        "module": "kbloop",
-        # new_event_loop() falls back to asyncio when io_uring is unusable.
-        "probe": "import kbloop; l = kbloop.new_event_loop(); l.close();"
-                 "assert isinstance(l, kbloop.Loop), 'io_uring unusable: asyncio fallback'",
-    },
+    "kbloop": {"argv": ["-m", "kbloop"], "module": "kbloop", "probe": kbloop_probe()},
+    # Reactor modes (docs/modes.md), set through the environment as a user of
+    # `python -m kbloop` would; "env" applies to the server and its probe.
+    # Busy-poll spins on the server's own core (the default spin_us).
+    "kbloop-busy": {"argv": ["-m", "kbloop"], "module": "kbloop",
+                    "env": {"KBLOOP_BUSY_POLL": "1", "KBLOOP_CPU": str(SERVER_CPU)},
+                    "probe": kbloop_probe("busy_poll")},
+    # SQPOLL's kernel thread shares the server's core.  With 2 cores there is no spare
+    # one: on the load generator's core it would take CPU from the generator (c32 echo
+    # then fell to ~0.3x), and the server would get more than the one core every other
+    # loop gets.  A machine with a core to spare should give it that core.
+    "kbloop-sqpoll": {"argv": ["-m", "kbloop"], "module": "kbloop",
+                      "env": {"KBLOOP_SQPOLL": "1", "KBLOOP_SQ_CPU": str(SERVER_CPU)},
+                      "probe": kbloop_probe("sqpoll")},
 }
+# The loops of `python -m bench --modes`, compared with uvloop in the same run.
+MODE_LOOPS = ["uvloop", "kbloop", "kbloop-busy", "kbloop-sqpoll"]
+
+
+def loop_env(loop):
+    """The environment a loop's server (and probe) runs in."""
+    return {**os.environ, **LOOPS[loop].get("env", {})}
 
 # The example servers, unmodified; the suite only chooses how to start them.
 SERVERS = {
@@ -77,7 +101,7 @@ def build_echo_load():
 def available(loop):
     """(usable, reason): can this interpreter run the loop?"""
     r = subprocess.run([sys.executable, "-c", LOOPS[loop]["probe"]], cwd=REPO,
-                       capture_output=True, text=True)
+                       env=loop_env(loop), capture_output=True, text=True)
     return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
 
 
@@ -90,7 +114,7 @@ class Server:
         argv = [sys.executable, *LOOPS[loop]["argv"], *SERVERS[server],
                 "--host", HOST, "--port", "0"]
         self.proc = subprocess.Popen(
-            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=self.stderr,
+            argv, cwd=REPO, env=loop_env(loop), stdout=subprocess.PIPE, stderr=self.stderr,
             preexec_fn=pin(SERVER_CPU),
         )
         line = self._readline(timeout=30)
@@ -311,6 +335,22 @@ def measure(loop, sc, seconds, rate=None, warmup_s=0.5, profile_to=None):
         tail = server.error_output()[-2000:]
         print(f"\n  ! {loop} / {sc.name}: errors={res['errors']} exit={rc}\n{tail}", file=sys.stderr)
     return res
+
+
+def noisy(res):
+    """Did something besides server and load generator use the machine during this run?"""
+    return res["other_cpu_s"] > NOISY_SHARE * res["wall_s"]
+
+
+def wait_until_quiet(timeout, window=1.0):
+    """Wait (up to timeout seconds) for a window in which the machine is nearly idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy0 = machine_busy_seconds()
+        time.sleep(window)
+        if machine_busy_seconds() - busy0 <= NOISY_SHARE * window:
+            return True
+    return False
 
 
 def machine_info():

@@ -1,8 +1,9 @@
 """The benchmark suite (python -m bench) measures correct servers, not broken ones.
 
 Every example server the suite drives is started through the suite's own
-runner on every loop and checked byte for byte (echo), body for body (HTTP)
-and reply for reply (Redis, raw RESP and redis-py).  Then `python -m bench
+runner on every loop (kbloop's reactor modes included: kbloop-busy,
+kbloop-sqpoll) and checked byte for byte (echo), body for body (HTTP) and
+reply for reply (Redis, raw RESP and redis-py).  Then `python -m bench
 --smoke` runs every scenario once per loop with tiny counts and must report
 no errors from echo_load (which checks every echoed byte), wrk (non-2xx,
 socket errors) or redis-benchmark (error replies).  Benchmarks, never timed
@@ -21,7 +22,7 @@ import pytest
 
 from bench import runner, scenarios
 
-LOOPS = ["asyncio", "uvloop", "kbloop"]
+LOOPS = list(runner.LOOPS)
 
 
 @pytest.fixture(scope="module", params=LOOPS)
@@ -158,6 +159,8 @@ def test_smoke_mode_runs_every_scenario_without_errors(smoke_run, kind):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     loops = data["meta"]["loops"]
     assert "asyncio" in loops
+    # --smoke runs every loop the suite knows, the reactor modes too (where usable).
+    assert set(loops) == {loop for loop in runner.LOOPS if runner.available(loop)[0]}
     for sc in scenarios.smoke():
         if sc.kind != kind:
             continue
@@ -172,6 +175,30 @@ def test_smoke_mode_runs_every_scenario_without_errors(smoke_run, kind):
             if kind == "redis":
                 # PING_INLINE, PING_MBULK, SET, GET, INCR, each -n requests
                 assert len(x["tests"]) == 5 and x["requests"] == 5 * sc.requests, x
+
+
+def test_modes_report_checks_busy_poll_target():
+    """--modes reports ratios to uvloop and the busy-poll p50 <= 0.8x uvloop target."""
+    from bench import report
+
+    c1, c32 = scenarios.echo("proto", 64, 1), scenarios.echo("proto", 64, 32)
+    base = {"warmup": False, "ok": True, "rps": 1000.0, "cpu_us_per_req": 10.0,
+            "server_cpu_pct": 50.0, "gen_cpu_pct": 50.0, "p99_us": 200.0, "p999_us": 300.0}
+    p50 = {("uvloop", c1): 100.0, ("kbloop-busy", c1): 75.0,
+           ("uvloop", c32): 100.0, ("kbloop-busy", c32): 120.0}
+    samples = [{**base, "scenario": sc.name, "loop": loop, "p50_us": us}
+               for (loop, sc), us in p50.items()]
+    rows = report.summarize(samples, ["uvloop", "kbloop-busy"], [c1, c32])
+    (target,) = [t for t in report.check_targets(rows) if "busy-poll" in t[0]]
+    assert target[1] == "met" and "0.75x" in target[2][0]
+    table = report.modes_table(rows)
+    assert "75 (0.75x)" in table and "64B c32 req/s" in table
+    assert report.modes_table([r for r in rows if r["loop"] == "uvloop"]) == ""
+
+    samples = [{**x, "p50_us": 90.0} if x["loop"] == "kbloop-busy" else x for x in samples]  # 0.9x
+    rows = report.summarize(samples, ["uvloop", "kbloop-busy"], [c1, c32])
+    (target,) = [t for t in report.check_targets(rows) if "busy-poll" in t[0]]
+    assert target[1] == "MISSED"
 
 
 def test_smoke_mode_writes_report_and_plots(smoke_run):
