@@ -209,3 +209,23 @@ def test_smoke_mode_writes_report_and_plots(smoke_run):
     pytest.importorskip("matplotlib")
     assert {p.name.rsplit("-", 1)[1] for p in out.glob("smoke-*.png")} == {
         "throughput.png", "latency.png", "cpu.png"}
+
+
+def test_report_survives_zero_cpu_samples():
+    """A tiny run can record 0 us of CPU (/proc's 10 ms ticks): no ratio, no crash."""
+    from bench import report
+
+    sc = scenarios.echo("proto", 64, 32)
+    base = {"warmup": False, "ok": True, "rps": 1000.0, "server_cpu_pct": 1.0,
+            "gen_cpu_pct": 1.0, "p50_us": 100.0, "p99_us": 200.0, "p999_us": 300.0,
+            "scenario": sc.name}
+    samples = [{**base, "loop": "uvloop", "cpu_us_per_req": 0.0},
+               {**base, "loop": "kbloop", "cpu_us_per_req": 0.0},
+               {**base, "loop": "kbloop", "cpu_us_per_req": 10.0}]
+    rows = report.summarize(samples, ["uvloop", "kbloop"], [sc])
+    kb = next(r for r in rows if r["loop"] == "kbloop")
+    assert kb["cpu_vs_uvloop"] is None and kb["cpu_spread_pct"] == 200.0
+    assert next(r for r in rows if r["loop"] == "uvloop")["cpu_spread_pct"] == 0.0
+    report.check_targets(rows)
+    report.text_table(rows)
+    report.markdown_table(rows)
