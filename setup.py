@@ -1,5 +1,14 @@
-"""Build kbloop: the Cython core (kbloop_ext.core) linked against liburing."""
+"""Build kbloop: the Cython core (kbloop_ext.core) linked against liburing, and, where DPDK
+and lwIP's source are present, the DPDK datapath's device layer (kbloop_ext.dpdk.stack).
+
+KBLOOP_DPDK=0 skips the DPDK part, KBLOOP_DPDK=1 makes its absence an error; by default it is
+built when `pkg-config libdpdk` works and lwIP's source is in .deps/lwip (scripts/setup.sh
+fetches Debian's) or in KBLOOP_LWIP_SRC.
+"""
+import glob
 import os
+import shlex
+import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -25,13 +34,56 @@ core = Extension(
     extra_link_args=extra_link,
 )
 
+
+
+def pkg_config(*args):
+    try:
+        out = subprocess.run(['pkg-config', *args], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return shlex.split(out.stdout)
+
+
+def dpdk_extension():
+    """kbloop_ext.dpdk.stack: DPDK's port + lwIP's core compiled in with our lwipopts.h."""
+    want = os.environ.get('KBLOOP_DPDK', 'auto')
+    if want == '0':
+        return None
+    lwip = os.environ.get('KBLOOP_LWIP_SRC', '.deps/lwip')
+    cflags, libs = pkg_config('--cflags', 'libdpdk'), pkg_config('--libs', 'libdpdk')
+    missing = [what for what, ok in [('libdpdk (apt-get install libdpdk-dev)', cflags),
+                                     (f'lwIP source in {lwip} (bash scripts/setup.sh)',
+                                      os.path.isdir(os.path.join(lwip, 'src', 'core')))] if not ok]
+    if missing:
+        if want == '1':
+            raise SystemExit('KBLOOP_DPDK=1 but missing: ' + ', '.join(missing))
+        print('kbloop: DPDK datapath not built (missing ' + ', '.join(missing) + ')', file=sys.stderr)
+        return None
+    lwip_sources = sorted(glob.glob(os.path.join(lwip, 'src', 'core', '*.c'))
+                          + glob.glob(os.path.join(lwip, 'src', 'core', 'ipv4', '*.c'))
+                          + [os.path.join(lwip, 'src', 'netif', 'ethernet.c')])
+    # pkg-config's cflags include "-include rte_config.h" and -march: compile args, as given.
+    return Extension(
+        'kbloop_ext.dpdk.stack',
+        sources=['kbloop_ext/dpdk/stack.pyx', 'kbloop_ext/dpdk/kb_dpdk.c'] + lwip_sources,
+        include_dirs=['kbloop_ext/dpdk', 'kbloop_ext/dpdk/lwip', os.path.join(lwip, 'src', 'include')],
+        extra_compile_args=extra_compile + cflags + ['-Wno-address', '-Wno-unused-but-set-variable'],
+        extra_link_args=extra_link + libs,
+    )
+
+
+extensions = [core]
+dpdk = dpdk_extension()
+if dpdk is not None:
+    extensions.append(dpdk)
+
 setup(
     name='kbloop',
     version='0.1.0',
     description='A drop-in asyncio event loop on io_uring (and, later, DPDK and RDMA)',
-    packages=['kbloop', 'kbloop_ext'],
+    packages=['kbloop', 'kbloop_ext', 'kbloop_ext.uring', 'kbloop_ext.dpdk'],
     python_requires='>=3.11',
-    ext_modules=cythonize([core], language_level=3,
+    ext_modules=cythonize(extensions, language_level=3,
                           compiler_directives={'embedsignature': True},
                           include_path=['.']),
     zip_safe=False,

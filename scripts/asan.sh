@@ -5,16 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 work=$(mktemp -d /tmp/kbloop-asan.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+trap '[ -n "${KEEP_ASAN:-}" ] || rm -rf "$work"' EXIT
 git ls-files -z | xargs -0 cp --parents -t "$work"
+# lwIP's fetched source (.deps, not in git) is used from here, so the DPDK datapath is
+# instrumented too where it is built.
+[ -d .deps/lwip ] && export KBLOOP_LWIP_SRC=$PWD/.deps/lwip
 cd "$work"
 KBLOOP_SANITIZE=address $PY setup.py -q build_ext --inplace >/dev/null 2>&1
 # Read the whole symbol table first: with pipefail, `nm | grep -q` fails when grep's early exit
 # hands nm a SIGPIPE (what broke CI once).
-symbols=$(nm -D kbloop_ext/core*.so)
-[[ $symbols == *__asan_report* ]] || { echo "ASan build is not instrumented"; exit 1; }
+for ext in kbloop_ext/core*.so kbloop_ext/dpdk/stack*.so; do
+    [ -e "$ext" ] || continue
+    symbols=$(nm -D "$ext")
+    [[ $symbols == *__asan_report* ]] || { echo "ASan build of $ext is not instrumented"; exit 1; }
+done
 libasan=$(gcc -print-file-name=libasan.so)
-echo "== ASan pass: kbloop tests over an instrumented kbloop_ext.core"
+echo "== ASan pass: kbloop tests over an instrumented kbloop_ext ($(ls kbloop_ext/core*.so kbloop_ext/dpdk/stack*.so 2>/dev/null | xargs -n1 basename | tr '\n' ' '))"
 # Python itself "leaks" at exit by design: leak checking off; memory errors halt the process.
 # The tests that start PostgreSQL and redis-server are left out: those servers would inherit
 # LD_PRELOAD=libasan (postgres hangs under it), and the transport paths their clients use are
@@ -22,7 +28,7 @@ echo "== ASan pass: kbloop tests over an instrumented kbloop_ext.core"
 status=0
 LD_PRELOAD=$libasan ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 PYTHONMALLOC=malloc PYTHONPATH=$work \
-    $PY -m pytest tests -k "kbloop or zerocopy" -p no:cacheprovider \
+    $PY -m pytest tests -k "kbloop or zerocopy or dpdk" -p no:cacheprovider \
         --ignore=tests/test_thirdparty_asyncpg.py --ignore=tests/test_thirdparty_redis.py \
         "$@" >asan.log 2>&1 || status=$?
 tail -3 asan.log

@@ -1,0 +1,588 @@
+/* kbloop's DPDK datapath, C side: see kb_dpdk.h. */
+#include "kb_dpdk.h"
+
+#include <string.h>
+#include <time.h>
+
+#include <rte_eal.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+#include <rte_lcore.h>
+#include <rte_mbuf.h>
+#include <rte_mempool.h>
+
+/* DPDK pulls in <netinet/ip.h>, whose fragment flags lwIP defines again, identically. */
+#undef IP_RF
+#undef IP_DF
+#undef IP_MF
+#undef IP_OFFMASK
+#include "lwip/init.h"
+#include "lwip/etharp.h"
+#include "lwip/ip4_addr.h"
+#include "lwip/netif.h"
+#include "lwip/pbuf.h"
+#include "lwip/stats.h"
+#include "lwip/tcp.h"
+#include "lwip/priv/tcp_priv.h"   /* tcp_active_pcbs, to abort them all at stop */
+#include "lwip/timeouts.h"
+#include "netif/ethernet.h"
+
+#define KB_BURST 32
+#define KB_TXQ 256
+
+/* One stack per process (the EAL and lwIP are process-global), so the state is static. */
+static struct {
+    int started;
+    uint16_t port;
+    struct rte_mempool *pool;
+    uint32_t nb_mbufs;
+    struct rte_ether_addr mac;
+    struct netif netif;
+    char runtime_dir[4096];
+    struct rte_mbuf *txq[KB_TXQ];
+    unsigned ntx;
+    kb_event *events;
+    size_t nevents, cap_events;
+    uint64_t next_conn_id;
+    uint32_t conns_live;
+    kb_dpdk_stats st;
+} S;
+
+/* ------------------------------------------------------------------ lwIP's platform hooks */
+
+u32_t sys_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (u32_t)(ts.tv_sec * 1000u + ts.tv_nsec / 1000000u);
+}
+
+/* ------------------------------------------------------------------ frames <-> pbufs */
+
+/* A received frame is handed to lwIP without a copy: a custom pbuf, stored in the mbuf's private
+ * area, points at the mbuf's data; freeing the pbuf frees the mbuf. */
+static void kb_rx_pbuf_free(struct pbuf *p)
+{
+    struct rte_mbuf *m = (struct rte_mbuf *)((char *)p - sizeof(struct rte_mbuf));
+    rte_pktmbuf_free(m);
+}
+
+static struct pbuf *kb_mbuf_to_pbuf(struct rte_mbuf *m)
+{
+    struct pbuf_custom *pc = rte_mbuf_to_priv(m);
+    pc->custom_free_function = kb_rx_pbuf_free;
+    uint16_t len = rte_pktmbuf_data_len(m);
+    return pbuf_alloced_custom(PBUF_RAW, len, PBUF_REF, pc, rte_pktmbuf_mtod(m, void *), len);
+}
+
+void kb_dpdk_flush(void)
+{
+    unsigned sent = 0;
+    int idle_tries = 0;
+    while (sent < S.ntx && idle_tries < 4) {
+        uint16_t n = rte_eth_tx_burst(S.port, 0, S.txq + sent, (uint16_t)(S.ntx - sent));
+        sent += n;
+        idle_tries = n ? 0 : idle_tries + 1;
+    }
+    S.st.tx_packets += sent;
+    if (sent < S.ntx) {   /* the device queue stayed full: TCP retransmits what this drops */
+        S.st.tx_dropped += S.ntx - sent;
+        rte_pktmbuf_free_bulk(S.txq + sent, S.ntx - sent);
+    }
+    S.ntx = 0;
+}
+
+/* lwIP's link output: copy the frame (a pbuf chain) into one mbuf and queue it for the next
+ * burst.  Zero-copy sends of pool Buffers come later as external-buffer mbufs. */
+static err_t kb_linkoutput(struct netif *nif, struct pbuf *p)
+{
+    (void)nif;
+    struct rte_mbuf *m = rte_pktmbuf_alloc(S.pool);
+    if (m == NULL)
+        return ERR_MEM;
+    char *dst = rte_pktmbuf_append(m, p->tot_len);
+    if (dst == NULL) {
+        rte_pktmbuf_free(m);
+        return ERR_BUF;
+    }
+    pbuf_copy_partial(p, dst, p->tot_len, 0);
+    S.st.tx_bytes += p->tot_len;
+    S.txq[S.ntx++] = m;
+    if (S.ntx == KB_TXQ)
+        kb_dpdk_flush();
+    return ERR_OK;
+}
+
+static err_t kb_netif_init(struct netif *nif)
+{
+    nif->name[0] = 'k';
+    nif->name[1] = 'b';
+    nif->output = etharp_output;
+    nif->linkoutput = kb_linkoutput;
+    nif->mtu = 1500;
+    nif->hwaddr_len = ETH_HWADDR_LEN;
+    memcpy(nif->hwaddr, S.mac.addr_bytes, ETH_HWADDR_LEN);
+    nif->flags = NETIF_FLAG_BROADCAST | NETIF_FLAG_ETHARP | NETIF_FLAG_ETHERNET;
+    return ERR_OK;
+}
+
+/* ------------------------------------------------------------------ start, poll, stop */
+
+int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
+{
+    if (S.started) {
+        snprintf(errbuf, errlen, "the DPDK datapath is already running in this process");
+        return -1;
+    }
+    /* rte_eal_init permutes argv: give it a copy. */
+    char *argv[cfg->argc + 1];
+    for (int i = 0; i < cfg->argc; i++)
+        argv[i] = cfg->argv[i];
+    argv[cfg->argc] = NULL;
+    if (rte_eal_init(cfg->argc, argv) < 0) {
+        snprintf(errbuf, errlen, "rte_eal_init failed: %s", rte_strerror(rte_errno));
+        return -1;
+    }
+    snprintf(S.runtime_dir, sizeof S.runtime_dir, "%s", rte_eal_get_runtime_dir());
+    S.port = cfg->port;
+    const char *what = NULL;
+    int rc = 0;
+    if (!rte_eth_dev_is_valid_port(S.port)) {
+        snprintf(errbuf, errlen, "no DPDK port %u (%u available): give a --vdev or a bound NIC",
+                 S.port, rte_eth_dev_count_avail());
+        goto fail_eal;
+    }
+    S.nb_mbufs = cfg->nb_mbufs ? cfg->nb_mbufs : 16383;
+    unsigned priv = RTE_ALIGN(sizeof(struct pbuf_custom), RTE_MBUF_PRIV_ALIGN);
+    S.pool = rte_pktmbuf_pool_create("kbloop_rx", S.nb_mbufs, 256, priv,
+                                     RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
+    if (S.pool == NULL) {
+        snprintf(errbuf, errlen, "mbuf pool of %u: %s (give the EAL more memory with -m)",
+                 S.nb_mbufs, rte_strerror(rte_errno));
+        goto fail_eal;
+    }
+    struct rte_eth_conf conf;
+    memset(&conf, 0, sizeof conf);
+    uint16_t nrx = cfg->nb_rx_desc ? cfg->nb_rx_desc : 1024;
+    uint16_t ntx = cfg->nb_tx_desc ? cfg->nb_tx_desc : 1024;
+    int sock = rte_eth_dev_socket_id(S.port);
+    if ((rc = rte_eth_dev_configure(S.port, 1, 1, &conf)) < 0) { what = "configure"; goto fail_port; }
+    if ((rc = rte_eth_dev_adjust_nb_rx_tx_desc(S.port, &nrx, &ntx)) < 0) { what = "descriptors"; goto fail_port; }
+    if ((rc = rte_eth_rx_queue_setup(S.port, 0, nrx, sock, NULL, S.pool)) < 0) { what = "rx queue"; goto fail_port; }
+    if ((rc = rte_eth_tx_queue_setup(S.port, 0, ntx, sock, NULL)) < 0) { what = "tx queue"; goto fail_port; }
+    if ((rc = rte_eth_dev_start(S.port)) < 0) { what = "start"; goto fail_port; }
+    rte_eth_promiscuous_enable(S.port);   /* some PMDs cannot: harmless, lwIP filters by MAC */
+    rte_eth_macaddr_get(S.port, &S.mac);
+
+    lwip_init();
+    ip4_addr_t ip, mask, gw;
+    ip.addr = cfg->ip;
+    mask.addr = cfg->netmask;
+    gw.addr = cfg->gateway;
+    netif_add(&S.netif, &ip, &mask, &gw, NULL, kb_netif_init, ethernet_input);
+    netif_set_default(&S.netif);
+    netif_set_up(&S.netif);
+    netif_set_link_up(&S.netif);
+    S.started = 1;
+    return 0;
+
+fail_port:
+    snprintf(errbuf, errlen, "DPDK port %u %s: %s", S.port, what, rte_strerror(-rc));
+    rte_eth_dev_close(S.port);
+    rte_mempool_free(S.pool);
+    S.pool = NULL;
+fail_eal:
+    rte_eal_cleanup();
+    return -1;
+}
+
+static void kb_conn_free_if_done(kb_conn *c);
+
+void kb_dpdk_stop(void)
+{
+    if (!S.started)
+        return;
+    /* Abort every connection still open: lwIP frees its pcbs (and their pbufs) and sends RSTs. */
+    while (tcp_active_pcbs != NULL) {
+        struct tcp_pcb *pcb = tcp_active_pcbs;
+        kb_conn *c = pcb->callback_arg;
+        tcp_arg(pcb, NULL);
+        tcp_err(pcb, NULL);
+        if (c) c->pcb = NULL;
+        tcp_abort(pcb);
+    }
+    kb_dpdk_events_clear();
+    kb_dpdk_flush();
+    netif_set_down(&S.netif);
+    netif_remove(&S.netif);
+    rte_eth_dev_stop(S.port);
+    rte_eth_dev_close(S.port);
+    rte_mempool_free(S.pool);
+    S.pool = NULL;
+    free(S.events);
+    S.events = NULL;
+    S.nevents = S.cap_events = 0;
+    rte_eal_cleanup();
+    S.started = 0;
+}
+
+const uint8_t *kb_dpdk_mac(void) { return S.mac.addr_bytes; }
+const char *kb_dpdk_runtime_dir(void) { return S.runtime_dir; }
+
+int kb_dpdk_poll(void)
+{
+    struct rte_mbuf *rx[KB_BURST];
+    uint16_t n = rte_eth_rx_burst(S.port, 0, rx, KB_BURST);
+    for (uint16_t i = 0; i < n; i++) {
+        struct rte_mbuf *m = rx[i];
+        S.st.rx_bytes += rte_pktmbuf_pkt_len(m);
+        if (m->nb_segs != 1) {   /* jumbo chains: not configured, so not expected */
+            rte_pktmbuf_free(m);
+            continue;
+        }
+        struct pbuf *p = kb_mbuf_to_pbuf(m);
+        if (p == NULL || S.netif.input(p, &S.netif) != ERR_OK) {
+            if (p) pbuf_free(p); else rte_pktmbuf_free(m);
+        }
+    }
+    S.st.rx_packets += n;
+    S.st.polls++;
+    sys_check_timeouts();
+    kb_dpdk_flush();
+    return n;
+}
+
+/* ------------------------------------------------------------------ events */
+
+static void kb_push(int kind, kb_conn *c, kb_conn *listener, struct pbuf *p, int err, uint32_t len)
+{
+    if (S.nevents == S.cap_events) {
+        size_t cap = S.cap_events ? S.cap_events * 2 : 256;
+        kb_event *e = realloc(S.events, cap * sizeof *e);
+        if (e == NULL)
+            abort();   /* out of memory while lwIP holds state we cannot roll back */
+        S.events = e;
+        S.cap_events = cap;
+    }
+    kb_event *e = &S.events[S.nevents++];
+    e->kind = kind;
+    e->conn = c;
+    e->listener = listener;
+    e->p = p;
+    e->err = err;
+    e->len = len;
+    if (c) c->pending_events++;
+    if (listener) listener->pending_events++;
+}
+
+kb_event *kb_dpdk_events(size_t *count)
+{
+    *count = S.nevents;
+    return S.events;
+}
+
+void kb_dpdk_events_clear(void)
+{
+    for (size_t i = 0; i < S.nevents; i++) {
+        kb_event *e = &S.events[i];
+        if (e->p) {   /* data the Cython side did not take: its connection is gone */
+            pbuf_free(e->p);
+            e->p = NULL;
+        }
+        if (e->listener) {
+            e->listener->pending_events--;
+            kb_conn_free_if_done(e->listener);
+        }
+        /* An accepted connection nobody took (its listener closed meanwhile): abort it. */
+        if (e->kind == KB_EV_ACCEPT && e->conn->owner == NULL && !e->conn->released) {
+            kb_tcp_abort(e->conn);
+            e->conn->released = 1;
+        }
+        e->conn->pending_events--;
+        kb_conn_free_if_done(e->conn);
+    }
+    S.nevents = 0;
+}
+
+/* ------------------------------------------------------------------ TCP */
+
+static kb_conn *kb_conn_new(struct tcp_pcb *pcb)
+{
+    kb_conn *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->pcb = pcb;
+    c->id = ++S.next_conn_id;
+    S.conns_live++;
+    return c;
+}
+
+static void kb_conn_free_if_done(kb_conn *c)
+{
+    if (c->released && c->pcb == NULL && c->pending_events == 0) {
+        S.conns_live--;
+        free(c);
+    }
+}
+
+static void kb_detach(kb_conn *c)
+{
+    struct tcp_pcb *pcb = c->pcb;
+    if (pcb == NULL)
+        return;
+    tcp_arg(pcb, NULL);
+    if (c->listening) {
+        tcp_accept(pcb, NULL);
+    } else {
+        tcp_recv(pcb, NULL);
+        tcp_sent(pcb, NULL);
+        tcp_err(pcb, NULL);
+    }
+    c->pcb = NULL;
+}
+
+static err_t kb_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err)
+{
+    kb_conn *c = arg;
+    (void)pcb;
+    if (c == NULL) {   /* detached meanwhile: drop */
+        if (p) pbuf_free(p);
+        return ERR_OK;
+    }
+    if (p == NULL)
+        kb_push(KB_EV_EOF, c, NULL, NULL, err, 0);
+    else
+        kb_push(KB_EV_RECV, c, NULL, p, 0, p->tot_len);   /* tcp_recved once consumed */
+    return ERR_OK;
+}
+
+static err_t kb_on_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
+{
+    (void)pcb;
+    if (arg)
+        kb_push(KB_EV_SENT, arg, NULL, NULL, 0, len);
+    return ERR_OK;
+}
+
+static void kb_on_err(void *arg, err_t err)
+{
+    kb_conn *c = arg;
+    if (c == NULL)
+        return;
+    c->pcb = NULL;   /* lwIP has freed it */
+    kb_push(KB_EV_ERROR, c, NULL, NULL, err, 0);
+}
+
+static void kb_attach(kb_conn *c)
+{
+    tcp_arg(c->pcb, c);
+    tcp_recv(c->pcb, kb_on_recv);
+    tcp_sent(c->pcb, kb_on_sent);
+    tcp_err(c->pcb, kb_on_err);
+}
+
+static err_t kb_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
+{
+    kb_conn *l = arg;
+    if (l == NULL || err != ERR_OK || newpcb == NULL)
+        return ERR_VAL;
+    kb_conn *c = kb_conn_new(newpcb);
+    if (c == NULL) {
+        tcp_abort(newpcb);
+        return ERR_ABRT;
+    }
+    kb_attach(c);
+    tcp_backlog_accepted(newpcb);
+    kb_push(KB_EV_ACCEPT, c, l, NULL, 0, 0);
+    return ERR_OK;
+}
+
+static err_t kb_on_connected(void *arg, struct tcp_pcb *pcb, err_t err)
+{
+    (void)pcb;
+    if (arg)
+        kb_push(KB_EV_CONNECTED, arg, NULL, NULL, err, 0);
+    return ERR_OK;
+}
+
+kb_conn *kb_tcp_listen(uint32_t ip, uint16_t port, int backlog, int *err)
+{
+    struct tcp_pcb *pcb = tcp_new_ip_type(IPADDR_TYPE_V4);
+    if (pcb == NULL) { *err = ERR_MEM; return NULL; }
+    ip_addr_t a;
+    ip_addr_set_ip4_u32_val(a, ip);
+    if ((*err = tcp_bind(pcb, &a, port)) != ERR_OK) {
+        tcp_close(pcb);
+        return NULL;
+    }
+    err_t e = ERR_OK;
+    struct tcp_pcb *lpcb = tcp_listen_with_backlog_and_err(pcb, backlog > 255 ? 255 : backlog, &e);
+    if (lpcb == NULL) {
+        tcp_close(pcb);
+        *err = e;
+        return NULL;
+    }
+    kb_conn *c = kb_conn_new(lpcb);
+    if (c == NULL) { tcp_close(lpcb); *err = ERR_MEM; return NULL; }
+    c->listening = 1;
+    tcp_arg(lpcb, c);
+    tcp_accept(lpcb, kb_on_accept);
+    *err = ERR_OK;
+    return c;
+}
+
+kb_conn *kb_tcp_connect(uint32_t ip, uint16_t port, int *err)
+{
+    struct tcp_pcb *pcb = tcp_new_ip_type(IPADDR_TYPE_V4);
+    if (pcb == NULL) { *err = ERR_MEM; return NULL; }
+    kb_conn *c = kb_conn_new(pcb);
+    if (c == NULL) { tcp_abort(pcb); *err = ERR_MEM; return NULL; }
+    kb_attach(c);
+    ip_addr_t a;
+    ip_addr_set_ip4_u32_val(a, ip);
+    if ((*err = tcp_connect(pcb, &a, port, kb_on_connected)) != ERR_OK) {
+        kb_detach(c);
+        tcp_abort(pcb);
+        c->released = 1;
+        kb_conn_free_if_done(c);
+        return NULL;
+    }
+    return c;
+}
+
+long kb_tcp_write(kb_conn *c, const void *data, size_t len, int more)
+{
+    if (c->pcb == NULL || c->listening)
+        return ERR_CONN;
+    size_t room = tcp_sndbuf(c->pcb);
+    size_t n = len < room ? len : room;
+    if (n > 0xffff) n = 0xffff;     /* tcp_write takes a u16_t length */
+    if (n == 0)
+        return 0;
+    u8_t flags = TCP_WRITE_FLAG_COPY | (more || n < len ? TCP_WRITE_FLAG_MORE : 0);
+    err_t e = tcp_write(c->pcb, data, (u16_t)n, flags);
+    if (e == ERR_MEM)   /* too many segments queued: try again after some are acknowledged */
+        return 0;
+    return e == ERR_OK ? (long)n : e;
+}
+
+int kb_tcp_output(kb_conn *c)
+{
+    return c->pcb ? tcp_output(c->pcb) : ERR_CONN;
+}
+
+size_t kb_tcp_sndbuf(kb_conn *c)
+{
+    return c->pcb && !c->listening ? tcp_sndbuf(c->pcb) : 0;
+}
+
+void kb_tcp_recved(kb_conn *c, uint32_t len)
+{
+    /* tcp_recved takes a u16_t */
+    while (c->pcb && len) {
+        u16_t n = len > 0xffff ? 0xffff : (u16_t)len;
+        tcp_recved(c->pcb, n);
+        len -= n;
+    }
+}
+
+int kb_tcp_shutdown_write(kb_conn *c)
+{
+    return c->pcb ? tcp_shutdown(c->pcb, 0, 1) : ERR_CONN;
+}
+
+int kb_tcp_close(kb_conn *c)
+{
+    c->closed = 1;
+    struct tcp_pcb *pcb = c->pcb;
+    if (pcb == NULL)
+        return ERR_OK;
+    kb_detach(c);
+    if (tcp_close(pcb) != ERR_OK) {   /* no memory for the FIN: reset instead */
+        tcp_abort(pcb);
+        return ERR_ABRT;
+    }
+    return ERR_OK;
+}
+
+void kb_tcp_abort(kb_conn *c)
+{
+    c->closed = 1;
+    struct tcp_pcb *pcb = c->pcb;
+    if (pcb == NULL)
+        return;
+    int listening = c->listening;
+    kb_detach(c);
+    if (listening)
+        tcp_close(pcb);   /* a listening pcb is simply freed */
+    else
+        tcp_abort(pcb);
+}
+
+void kb_conn_release(kb_conn *c)
+{
+    c->owner = NULL;
+    if (c->pcb != NULL)
+        kb_tcp_abort(c);
+    c->released = 1;
+    kb_conn_free_if_done(c);
+}
+
+int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport)
+{
+    if (c->pcb == NULL)
+        return ERR_CONN;
+    *lip = ip_2_ip4(&c->pcb->local_ip)->addr;
+    *lport = c->pcb->local_port;
+    if (c->listening) {
+        *rip = 0;
+        *rport = 0;
+    } else {
+        *rip = ip_2_ip4(&c->pcb->remote_ip)->addr;
+        *rport = c->pcb->remote_port;
+    }
+    return ERR_OK;
+}
+
+/* ------------------------------------------------------------------ pbufs and stats */
+
+size_t kb_pbuf_len(struct pbuf *p) { return p->tot_len; }
+
+size_t kb_pbuf_copy(struct pbuf *p, void *dst, size_t len)
+{
+    return pbuf_copy_partial(p, dst, (u16_t)(len < p->tot_len ? len : p->tot_len), 0);
+}
+
+void kb_pbuf_free(struct pbuf *p) { pbuf_free(p); }
+
+void kb_dpdk_get_stats(kb_dpdk_stats *st)
+{
+    *st = S.st;
+    st->mbufs_total = S.nb_mbufs;
+    st->mbufs_in_use = S.pool ? S.nb_mbufs - rte_mempool_avail_count(S.pool) : 0;
+    st->conns_live = S.conns_live;
+    st->tcp_pcbs_used = lwip_stats.memp[MEMP_TCP_PCB]->used;
+    st->tcp_segs_used = lwip_stats.memp[MEMP_TCP_SEG]->used;
+    st->pbufs_used = lwip_stats.memp[MEMP_PBUF]->used;
+    st->heap_used = lwip_stats.mem.used;
+    st->tcp_active = st->tcp_time_wait = 0;
+    for (struct tcp_pcb *pcb = tcp_active_pcbs; pcb != NULL; pcb = pcb->next)
+        st->tcp_active++;
+    for (struct tcp_pcb *pcb = tcp_tw_pcbs; pcb != NULL; pcb = pcb->next)
+        st->tcp_time_wait++;
+    uint32_t errs = lwip_stats.mem.err;
+    for (int i = 0; i < MEMP_MAX; i++)
+        errs += lwip_stats.memp[i]->err;
+    st->lwip_errors = errs;
+}
+
+const char *kb_lwip_strerr(int err)
+{
+    static const char *const names[] = {
+        "ok", "out of memory", "buffer error", "timeout", "routing problem",
+        "operation in progress", "illegal value", "operation would block", "address in use",
+        "already connecting", "already connected", "not connected", "low-level netif error",
+        "connection aborted", "connection reset", "connection closed", "illegal argument",
+    };
+    return err <= 0 && -err < (int)(sizeof names / sizeof names[0]) ? names[-err] : "unknown";
+}

@@ -1,0 +1,100 @@
+/* kbloop's DPDK datapath, C side: the DPDK port (EAL, queues, mbuf pool, rx/tx bursts) and the
+ * lwIP stack above it, driven single-threaded by kb_dpdk_poll().  lwIP's callbacks become
+ * events in a queue that the Cython side drains after each poll (the completion model of the
+ * datapath contract).  One stack per process: DPDK's EAL and lwIP are both process-global. */
+#ifndef KB_DPDK_H
+#define KB_DPDK_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+struct pbuf;
+struct tcp_pcb;
+
+enum kb_event_kind {
+    KB_EV_ACCEPT = 1,    /* conn: the new connection; listener: the listening conn */
+    KB_EV_CONNECTED,     /* conn: an active open completed */
+    KB_EV_RECV,          /* conn, p: received data (the event owns p) */
+    KB_EV_EOF,           /* conn: the peer sent FIN */
+    KB_EV_SENT,          /* conn, len: bytes acknowledged by the peer */
+    KB_EV_ERROR,         /* conn, err: lwIP's err_t; the pcb is gone */
+};
+
+typedef struct kb_conn {
+    struct tcp_pcb *pcb;     /* NULL once lwIP freed it (error) or we closed it */
+    void *owner;             /* the Cython side's object, borrowed */
+    uint64_t id;
+    int listening;
+    int closed;              /* kb_tcp_close/abort called */
+    int released;            /* the Cython side dropped it: free when no event refers to it */
+    int pending_events;
+} kb_conn;
+
+typedef struct kb_event {
+    int kind;
+    int err;
+    uint32_t len;
+    kb_conn *conn;
+    kb_conn *listener;
+    struct pbuf *p;
+} kb_event;
+
+typedef struct kb_dpdk_config {
+    int argc;
+    char **argv;             /* EAL arguments, argv[0] a program name */
+    uint16_t port;
+    uint32_t ip, netmask, gateway;   /* network byte order */
+    uint32_t nb_mbufs;
+    uint16_t nb_rx_desc, nb_tx_desc;
+} kb_dpdk_config;
+
+typedef struct kb_dpdk_stats {
+    uint64_t rx_packets, tx_packets, tx_dropped, rx_bytes, tx_bytes, polls;
+    uint32_t mbufs_total, mbufs_in_use;
+    uint32_t conns_live;
+    uint32_t tcp_pcbs_used, tcp_segs_used, pbufs_used, heap_used;
+    uint32_t tcp_active, tcp_time_wait;   /* pcbs on lwIP's active and TIME_WAIT lists */
+    uint32_t lwip_errors;    /* memp/mem allocation failures counted by lwIP */
+} kb_dpdk_stats;
+
+/* Returns 0, or -1 with a message in errbuf. */
+int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen);
+/* Stops and closes the port, frees lwIP's connections, cleans up the EAL and removes its
+ * runtime directory.  Safe to call once after a successful start. */
+void kb_dpdk_stop(void);
+const uint8_t *kb_dpdk_mac(void);
+const char *kb_dpdk_runtime_dir(void);
+
+/* One poll step: receive a burst into lwIP, run lwIP's timers, send what lwIP queued.
+ * Returns the number of frames received. */
+int kb_dpdk_poll(void);
+void kb_dpdk_flush(void);
+
+/* Events produced since the last drain.  Valid until the next kb_dpdk_poll/flush/tcp call. */
+kb_event *kb_dpdk_events(size_t *count);
+void kb_dpdk_events_clear(void);
+void kb_dpdk_get_stats(kb_dpdk_stats *st);
+
+/* TCP on lwIP's raw API.  Return 0 or a negative lwIP err_t. */
+kb_conn *kb_tcp_listen(uint32_t ip, uint16_t port, int backlog, int *err);
+kb_conn *kb_tcp_connect(uint32_t ip, uint16_t port, int *err);
+/* Queue up to len bytes (copied into lwIP's segments); returns bytes taken (>= 0; 0 when the
+ * send buffer is full) or a negative err_t. */
+long kb_tcp_write(kb_conn *c, const void *data, size_t len, int more);
+int kb_tcp_output(kb_conn *c);
+size_t kb_tcp_sndbuf(kb_conn *c);
+void kb_tcp_recved(kb_conn *c, uint32_t len);
+int kb_tcp_shutdown_write(kb_conn *c);
+int kb_tcp_close(kb_conn *c);      /* graceful; falls back to abort when lwIP has no memory */
+void kb_tcp_abort(kb_conn *c);
+void kb_conn_release(kb_conn *c);  /* the Cython side is done with c */
+int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport);
+
+/* pbufs handed out in KB_EV_RECV events */
+size_t kb_pbuf_len(struct pbuf *p);
+size_t kb_pbuf_copy(struct pbuf *p, void *dst, size_t len);
+void kb_pbuf_free(struct pbuf *p);
+
+const char *kb_lwip_strerr(int err);
+
+#endif

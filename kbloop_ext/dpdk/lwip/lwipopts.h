@@ -1,0 +1,98 @@
+/* lwIP options for kbloop's DPDK datapath: lwIP's core compiled into the extension, driven by
+ * the loop's poll step on one thread (NO_SYS=1: no OS layer, no locks, raw API only).
+ * lwIP's opt.h documents each option; only the ones that differ from its defaults are here. */
+#ifndef KBLOOP_LWIPOPTS_H
+#define KBLOOP_LWIPOPTS_H
+
+#define NO_SYS                      1
+#define SYS_LIGHTWEIGHT_PROT        0
+#define LWIP_NETCONN                0
+#define LWIP_SOCKET                 0
+#define LWIP_IPV4                   1
+#define LWIP_IPV6                   0
+#define LWIP_ARP                    1
+#define LWIP_ETHERNET               1
+#define LWIP_ICMP                   1
+#define LWIP_UDP                    1
+#define LWIP_TCP                    1
+#define LWIP_RAW                    0
+#define LWIP_DHCP                   0
+#define LWIP_AUTOIP                 0
+#define LWIP_IGMP                   0
+#define LWIP_DNS                    0
+#define IP_REASSEMBLY               1   /* fragments are reassembled, never trusted blindly */
+#define IP_FRAG                     1
+#define ETHARP_SUPPORT_STATIC_ENTRIES 0
+#define ARP_QUEUEING                1
+#define ARP_TABLE_SIZE              64
+
+/* Memory: the heap (PBUF_RAM, TCP segments' headers) and the pools come from malloc, so a server
+ * with many connections is limited by the machine, not by a static array; lwIP still counts
+ * every pool element (MEMP_STATS), which the leak tests read.  PBUF_POOL is never used:
+ * received frames arrive as custom pbufs over the DPDK mbufs. */
+#define MEM_LIBC_MALLOC             1
+#define MEMP_MEM_MALLOC             1
+#define MEM_ALIGNMENT               8
+#define MEM_SIZE                    (16 * 1024 * 1024)   /* only makes mem_size_t 32-bit */
+#define MEMP_NUM_PBUF               65536
+#define MEMP_NUM_UDP_PCB            256
+#define MEMP_NUM_TCP_PCB            4096
+#define MEMP_NUM_TCP_PCB_LISTEN     64
+#define MEMP_NUM_TCP_SEG            65536
+#define MEMP_NUM_REASSDATA          64
+#define MEMP_NUM_FRAG_PBUF          256
+#define MEMP_NUM_ARP_QUEUE          256
+#define PBUF_POOL_SIZE              0
+#define LWIP_SUPPORT_CUSTOM_PBUF    1
+
+/* TCP sized for a server on a fast link: a window of 1 MiB (scaled), 1 MiB of send buffer. */
+#define TCP_MSS                     1460
+#define LWIP_WND_SCALE              1
+#define TCP_RCV_SCALE               5
+#define TCP_WND                     (1024 * 1024)
+#define TCP_SND_BUF                 (1024 * 1024)
+#define TCP_SND_QUEUELEN            8192
+#define TCP_SNDLOWAT                (32 * 1024)   /* lwIP: below 0xFFFF - 4 * MSS */
+#define TCP_SNDQUEUELOWAT           (TCP_SND_QUEUELEN / 4)
+#define TCP_OVERSIZE                TCP_MSS
+#define TCP_QUEUE_OOSEQ             1
+#define TCP_LISTEN_BACKLOG          1
+#define TCP_DEFAULT_LISTEN_BACKLOG  0xff
+#define LWIP_TCP_KEEPALIVE          1
+#define LWIP_TCP_TIMESTAMPS         0
+#define LWIP_CALLBACK_API           1
+#define LWIP_EVENT_API              0
+
+/* Checksums in software both ways: the virtual devices offload nothing. */
+#define CHECKSUM_GEN_IP             1
+#define CHECKSUM_GEN_UDP            1
+#define CHECKSUM_GEN_TCP            1
+#define CHECKSUM_GEN_ICMP           1
+#define CHECKSUM_CHECK_IP           1
+#define CHECKSUM_CHECK_UDP          1
+#define CHECKSUM_CHECK_TCP          1
+#define CHECKSUM_CHECK_ICMP         1
+
+#define LWIP_NETIF_STATUS_CALLBACK  0
+#define LWIP_NETIF_LINK_CALLBACK    0
+#define LWIP_HAVE_LOOPIF            0
+#define LWIP_NETIF_LOOPBACK         0
+
+/* Counters for the leak tests and loop.stats(). */
+#define LWIP_STATS                  1
+#define LWIP_STATS_DISPLAY          0
+#define MEM_STATS                   1
+#define MEMP_STATS                  1
+#define LINK_STATS                  1
+#define TCP_STATS                   1
+
+/* The C library (and DPDK) provide htons & co.; lwIP uses its own lwip_htons inside. */
+#define LWIP_DONT_PROVIDE_BYTEORDER_FUNCTIONS 1
+
+/* Randomness for initial sequence numbers and ephemeral ports. */
+#include <stdlib.h>
+#define LWIP_RAND()                 ((u32_t)random())
+
+/* LWIP_DEBUG and LWIP_NOASSERT are tested with #ifdef: never define them here. */
+
+#endif

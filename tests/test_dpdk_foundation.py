@@ -1,0 +1,289 @@
+"""The DPDK datapath's device layer (kbloop_ext.dpdk.stack): DPDK's EAL and port under lwIP.
+
+Each stack runs in its own process (tests/dpdk_stack_peer.py) in a network namespace this test
+creates, on a veth pair whose other end is the Linux kernel's own stack: ping, a Python socket
+client and a kernel echo server are the peers.  Both virtual PMDs are covered: af_packet and
+af_xdp.  The stack's counters (mbufs, lwIP pcbs and segments, connections) must come back to
+where they started, and the EAL must leave no runtime files behind.
+"""
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import netns
+from kbloop_ext import dpdk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = os.path.join(HERE, "dpdk_stack_peer.py")
+REPO = os.path.dirname(HERE)
+
+built, why_not_built = dpdk.available()
+ns_ok, why_no_ns = netns.available()
+if not built and os.environ.get("CI"):
+    # CI installs DPDK and lwIP's source (scripts/setup.sh): a missing build is a failure there.
+    raise RuntimeError(f"CI without the DPDK datapath: {why_not_built}")
+pytestmark = [pytest.mark.skipif(not built, reason=why_not_built),
+              pytest.mark.skipif(not ns_ok, reason=why_no_ns)]
+
+VDEVS = {
+    "af_packet": "net_af_packet0,iface=vA",
+    "af_xdp": "net_af_xdp0,iface=vA,start_queue=0,queue_count=1",
+}
+
+
+def py(code, *args, timeout=60):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+class Peer:
+    """tests/dpdk_stack_peer.py in namespace A; a thread collects its lines as they come."""
+
+    def __init__(self, net, *args):
+        env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(net.cmd_a(sys.executable, PEER, *args), env=env, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.expect("READY", timeout=30)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, tag, timeout=30):
+        end = time.monotonic() + timeout
+        for line in self.seen:
+            if line.startswith(tag + " "):
+                return line[len(tag) + 1:]
+        while (left := end - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+            if line.startswith(tag + " "):
+                return line[len(tag) + 1:]
+        self.kill()
+        raise AssertionError(f"no {tag} line from the DPDK peer; got {self.seen}; stderr: "
+                             + self.proc.stderr.read()[-3000:])
+
+    def stop(self):
+        """SIGTERM; returns (stats, closed) as the peer printed them."""
+        self.proc.terminate()
+        try:
+            stats = json.loads(self.expect("STATS", timeout=20))
+            closed = json.loads(self.expect("CLOSED", timeout=20))
+            assert self.proc.wait(timeout=20) == 0, self.proc.stderr.read()[-3000:]
+        finally:
+            self.kill()
+        return stats, closed
+
+    def kill(self):
+        """A peer that had to be killed cannot clean up the EAL's runtime files: do it here."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            shutil.rmtree(f"/var/run/dpdk/kbtest{self.proc.pid}", ignore_errors=True)
+
+
+@pytest.fixture
+def net():
+    with netns.VethPair() as pair:
+        yield pair
+
+
+# ---------------------------------------------------------------- start-up and shut-down
+
+def test_bad_eal_arguments_raise_stack_error():
+    r = py("from kbloop_ext.dpdk.stack import Stack, StackError\n"
+           "try:\n"
+           "    Stack(['--no-such-eal-flag'], ip='10.0.0.1')\n"
+           "except StackError as e:\n"
+           "    print('StackError', e)\n")
+    assert r.returncode == 0, r.stderr
+    assert "StackError rte_eal_init failed" in r.stdout
+
+
+def test_no_port_is_a_clear_error_and_leaves_no_runtime_files():
+    r = py("import os\n"
+           "from kbloop_ext.dpdk.stack import Stack, StackError\n"
+           "try:\n"
+           "    Stack(['--no-huge', '-m', '64', '--no-pci', '-l', '0', '--file-prefix', 'kbnoport'],"
+           " ip='10.0.0.1')\n"
+           "except StackError as e:\n"
+           "    print('StackError', e)\n"
+           "print('left', os.path.exists('/var/run/dpdk/kbnoport'))\n")
+    assert r.returncode == 0, r.stderr
+    assert "no DPDK port 0" in r.stdout and "left False" in r.stdout
+
+
+def test_stack_on_net_null_starts_stops_and_cleans_up():
+    r = py("import json, os\n"
+           "from kbloop_ext.dpdk.stack import Stack, StackError\n"
+           "args = ['--no-huge', '-m', '128', '--no-pci', '-l', '0', '--file-prefix', 'kbnull%d' % os.getpid(),"
+           " '--vdev', 'net_null0']\n"
+           "s = Stack(args, ip='10.9.0.1')\n"
+           "first = s.stats()\n"
+           "for _ in range(1000): s.poll()\n"
+           "l = s.listen(8080)\n"
+           "assert l.addresses()[0] == ('0.0.0.0', 8080)\n"
+           "try:\n"
+           "    s.listen(8080)\n"
+           "except StackError as e:\n"
+           "    print('inuse', e)\n"
+           "l.close()\n"
+           "try:\n"
+           "    Stack(args, ip='10.9.0.2')\n"
+           "except RuntimeError as e:\n"
+           "    print('second', e)\n"
+           "d = s.runtime_dir\n"
+           "print('stats', json.dumps([first, s.stats()]))\n"
+           "s.close(); s.close()\n"
+           "print('left', os.path.exists(d), d)\n")
+    assert r.returncode == 0, r.stderr
+    assert "inuse listen on port 8080: address in use" in r.stdout
+    assert "second one DPDK stack per process" in r.stdout
+    assert "left False /var/run/dpdk/kbnull" in r.stdout
+    first, last = json.loads(r.stdout.split("stats ", 1)[1].splitlines()[0])
+    assert last["polls"] == 1000 and last["conns_live"] == 0
+    # net_null hands out a burst of junk frames per poll; lwIP drops them and each mbuf
+    # goes back to the pool.
+    assert last["rx_packets"] >= 1000
+    assert last["mbufs_in_use"] <= first["mbufs_in_use"], (first, last)
+
+
+# ---------------------------------------------------------------- the kernel as the peer
+
+CLIENT = r"""
+import hashlib, json, os, socket, sys, threading
+host, port = sys.argv[1], int(sys.argv[2])
+out = {}
+s = socket.create_connection((host, port), timeout=20)
+# Round trips of varied sizes, each echoed whole before the next.
+for i in range(200):
+    msg = os.urandom(1 + (i * 997) % 3000)
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        chunk = s.recv(65536)
+        assert chunk, "closed"
+        got += chunk
+    assert got == msg, i
+out["round_trips"] = 200
+# Bulk: 4 MiB each way at once (a reader thread), compared by hash.
+data = os.urandom(4 << 20)
+h = hashlib.sha256()
+n = [0]
+def reader():
+    while n[0] < len(data):
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            break
+        h.update(chunk); n[0] += len(chunk)
+t = threading.Thread(target=reader); t.start()
+s.sendall(data)
+t.join(60)
+out["bulk_ok"] = n[0] == len(data) and h.hexdigest() == hashlib.sha256(data).hexdigest()
+out["bulk_received"] = n[0]
+# Many short connections, each closed by the client first.
+for i in range(100):
+    c = socket.create_connection((host, port), timeout=20)
+    c.sendall(b"x%d" % i)
+    assert c.recv(100) == b"x%d" % i
+    c.close()
+out["short_conns"] = 100
+s.shutdown(socket.SHUT_WR)
+out["eof"] = s.recv(10) == b""
+s.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("pmd", list(VDEVS))
+def test_kernel_client_pings_and_echoes_through_the_stack(net, pmd):
+    peer = Peer(net, "echo", "--vdev", VDEVS[pmd], "--ip", net.ip_a, "--port", "7000")
+    assert peer.expect("READY") == net.mac_a()   # the port took vA's MAC
+    start = json.loads(peer.expect("START"))
+    ping = net.in_b("ping", "-c", "3", "-i", "0.2", "-W", "2", net.ip_a, check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr   # ARP and ICMP echo
+    client = subprocess.run(net.cmd_b(sys.executable, "-c", CLIENT, net.ip_a, "7000"),
+                            capture_output=True, text=True, timeout=120)
+    assert client.returncode == 0, client.stderr[-3000:]
+    result = json.loads(client.stdout)
+    assert result == {"round_trips": 200, "bulk_ok": True, "bulk_received": 4 << 20,
+                      "short_conns": 100, "eof": True}
+    stats, closed = peer.stop()
+    # Nothing leaked: every connection, lwIP pcb, segment and mbuf came back.
+    assert stats["conns_live"] == 0, stats
+    # The kernel client closed first, so no pcb is even in TIME_WAIT here.
+    assert stats["tcp_pcbs_used"] == 0 and stats["tcp_segs_used"] == 0, stats
+    assert stats["mbufs_in_use"] == start["mbufs_in_use"], (start, stats)
+    assert stats["lwip_errors"] == 0, stats
+    assert stats["rx_packets"] > 3000 and stats["tx_packets"] > 3000, stats
+    assert not closed["runtime_dir_left"], closed
+
+
+@pytest.fixture
+def kernel_echo_server(net):
+    """A Python echo server on the kernel's stack in namespace B (one connection)."""
+    code = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 7100)); srv.listen(); print("LISTENING", flush=True)
+c, _ = srv.accept()
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    c.sendall(b)
+c.close()
+"""
+    proc = subprocess.Popen(net.cmd_b(sys.executable, "-c", code, net.ip_b),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "LISTENING"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("pmd", list(VDEVS))
+def test_stack_client_against_kernel_server(net, kernel_echo_server, pmd):
+    peer = Peer(net, "client", "--vdev", VDEVS[pmd], "--ip", net.ip_a,
+                "--connect", f"{net.ip_b}:7100", "--bytes", str(1 << 20))
+    result = json.loads(peer.expect("RESULT", timeout=90))
+    assert result.get("connected") == 0 and "error" not in result, result
+    assert result["received"] == 1 << 20 and result["eof"], result
+    assert result["received_sha256"] == result["sent_sha256"]
+    stats, closed = peer.stop()
+    assert stats["conns_live"] == 0 and stats["lwip_errors"] == 0, stats
+    # No pcb left but, at most, one in TIME_WAIT (freed by lwIP's timer after 2 MSL).
+    assert stats["tcp_active"] == 0 and stats["tcp_pcbs_used"] == stats["tcp_time_wait"] <= 1, stats
+    assert stats["tcp_segs_used"] == 0, stats
+    assert not closed["runtime_dir_left"]
+
+
+def test_stack_connect_refused_by_kernel(net):
+    # Nothing listens on port 7199 in namespace B: the kernel answers the SYN with a RST.
+    peer = Peer(net, "client", "--vdev", VDEVS["af_packet"], "--ip", net.ip_a,
+                "--connect", f"{net.ip_b}:7199", "--bytes", "10")
+    result = json.loads(peer.expect("RESULT", timeout=30))
+    assert result.get("error") == -14, result    # ERR_RST: ConnectionRefusedError in the loop
+    assert "connected" not in result
+    stats, _ = peer.stop()
+    assert stats["conns_live"] == 0 and stats["tcp_pcbs_used"] == 0, stats
