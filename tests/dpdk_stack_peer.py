@@ -4,7 +4,8 @@ device layer (kbloop_ext.dpdk.stack), one process per stack (the EAL is process-
     python tests/dpdk_stack_peer.py echo   --vdev V --ip A --port P
     python tests/dpdk_stack_peer.py client --vdev V --ip A --connect B:P --bytes N
 
-It prints "READY <mac>" once the port is up; SIGTERM ends it.  Before exiting it prints
+It prints "READY <mac>" once the port is up, "NOW <json>" (its counters) on SIGUSR1;
+SIGTERM ends it.  --faults loss=PCT,delay_us=N,reorder=PCT injects faults in both directions.  Before exiting it prints
 "STATS <json>" (the stack's counters after its connections are gone) and, after closing the
 stack, "CLOSED <json>" (whether the EAL's runtime directory is gone).
 """
@@ -143,6 +144,7 @@ def main():
     ap.add_argument("--port", type=int, default=7000)
     ap.add_argument("--connect")
     ap.add_argument("--bytes", type=int, default=1 << 20)
+    ap.add_argument("--faults", default="", help="loss=PCT,delay_us=N,reorder=PCT")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, on_term)
     try:
@@ -150,6 +152,10 @@ def main():
     except StackError as exc:
         print("STACKERROR", exc, flush=True)
         sys.exit(3)
+    if args.faults:
+        stack.set_faults(**{k: v if k == "directions" else int(v) if k == "delay_us" else float(v)
+                            for k, v in (kv.split("=") for kv in args.faults.split(","))})
+    signal.signal(signal.SIGUSR1, lambda *_: print("NOW", json.dumps(stack.stats()), flush=True))
     stack.flush()    # the gratuitous ARP lwIP queued at start-up: not an mbuf in use
     print("START", json.dumps(stack.stats()), flush=True)
     (run_echo if args.mode == "echo" else run_client)(stack, args)

@@ -29,6 +29,15 @@
 
 #define KB_BURST 32
 #define KB_TXQ 256
+#define KB_HELD 8192     /* frames held back by fault injection, per direction */
+
+/* Frames held back by fault injection: a FIFO (the delay is constant, so release order is
+ * arrival order). */
+typedef struct kb_held {
+    struct rte_mbuf *m[KB_HELD];
+    uint64_t due_ns[KB_HELD];
+    unsigned head, count;
+} kb_held;
 
 /* One stack per process (the EAL and lwIP are process-global), so the state is static. */
 static struct {
@@ -46,6 +55,11 @@ static struct {
     uint64_t next_conn_id;
     uint32_t conns_live;
     kb_dpdk_stats st;
+    struct {
+        uint32_t loss_ppm, reorder_ppm, dirs;
+        uint64_t delay_ns, rng;
+        kb_held rx, tx;
+    } faults;
 } S;
 
 /* ------------------------------------------------------------------ lwIP's platform hooks */
@@ -55,6 +69,78 @@ u32_t sys_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (u32_t)(ts.tv_sec * 1000u + ts.tv_nsec / 1000000u);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ fault injection */
+
+static uint32_t fault_rand_ppm(void)
+{
+    uint64_t x = S.faults.rng;   /* xorshift64 */
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    S.faults.rng = x;
+    return (uint32_t)(x % 1000000u);
+}
+
+void kb_dpdk_set_faults(uint32_t loss_ppm, uint32_t delay_us, uint32_t reorder_ppm, uint64_t seed,
+                        int directions)
+{
+    S.faults.dirs = (uint32_t)directions;
+    S.faults.loss_ppm = loss_ppm;
+    S.faults.delay_ns = (uint64_t)delay_us * 1000u;
+    S.faults.reorder_ppm = reorder_ppm;
+    S.faults.rng = seed ? seed : 0x9e3779b97f4a7c15ull;
+}
+
+/* Returns 1 when the frame goes on now, 0 when fault injection took it (dropped or held). */
+static int fault_filter(kb_held *q, struct rte_mbuf *m)
+{
+    if (S.faults.loss_ppm && fault_rand_ppm() < S.faults.loss_ppm) {
+        S.st.fault_dropped++;
+        rte_pktmbuf_free(m);
+        return 0;
+    }
+    if (S.faults.delay_ns == 0)
+        return 1;
+    if (S.faults.reorder_ppm && fault_rand_ppm() < S.faults.reorder_ppm) {
+        if (q->count)   /* only a true overtaking counts */
+            S.st.fault_reordered++;
+        return 1;
+    }
+    if (q->count == KB_HELD)
+        return 1;
+    unsigned tail = (q->head + q->count) % KB_HELD;
+    q->m[tail] = m;
+    q->due_ns[tail] = now_ns() + S.faults.delay_ns;
+    q->count++;
+    S.st.fault_delayed++;
+    return 0;
+}
+
+/* The next held frame whose delay is over, or NULL. */
+static struct rte_mbuf *fault_release(kb_held *q, uint64_t now)
+{
+    if (q->count == 0 || q->due_ns[q->head] > now)
+        return NULL;
+    struct rte_mbuf *m = q->m[q->head];
+    q->head = (q->head + 1) % KB_HELD;
+    q->count--;
+    return m;
+}
+
+static void fault_free_all(kb_held *q)
+{
+    struct rte_mbuf *m;
+    while ((m = fault_release(q, UINT64_MAX)) != NULL)
+        rte_pktmbuf_free(m);
 }
 
 /* ------------------------------------------------------------------ frames <-> pbufs */
@@ -107,6 +193,9 @@ static err_t kb_linkoutput(struct netif *nif, struct pbuf *p)
     }
     pbuf_copy_partial(p, dst, p->tot_len, 0);
     S.st.tx_bytes += p->tot_len;
+    if ((S.faults.loss_ppm || S.faults.delay_ns) && (S.faults.dirs & 2)
+        && !fault_filter(&S.faults.tx, m))
+        return ERR_OK;   /* "sent": the wire lost or delayed it */
     S.txq[S.ntx++] = m;
     if (S.ntx == KB_TXQ)
         kb_dpdk_flush();
@@ -213,6 +302,8 @@ void kb_dpdk_stop(void)
     }
     kb_dpdk_events_clear();
     kb_dpdk_flush();
+    fault_free_all(&S.faults.rx);
+    fault_free_all(&S.faults.tx);
     netif_set_down(&S.netif);
     netif_remove(&S.netif);
     rte_eth_dev_stop(S.port);
@@ -229,21 +320,38 @@ void kb_dpdk_stop(void)
 const uint8_t *kb_dpdk_mac(void) { return S.mac.addr_bytes; }
 const char *kb_dpdk_runtime_dir(void) { return S.runtime_dir; }
 
+static void kb_input(struct rte_mbuf *m)
+{
+    if (m->nb_segs != 1) {   /* jumbo chains: not configured, so not expected */
+        rte_pktmbuf_free(m);
+        return;
+    }
+    struct pbuf *p = kb_mbuf_to_pbuf(m);
+    if (p == NULL || S.netif.input(p, &S.netif) != ERR_OK) {
+        if (p) pbuf_free(p); else rte_pktmbuf_free(m);
+    }
+}
+
 int kb_dpdk_poll(void)
 {
-    struct rte_mbuf *rx[KB_BURST];
+    struct rte_mbuf *rx[KB_BURST], *m;
+    int faults = S.faults.loss_ppm || S.faults.delay_ns || S.faults.rx.count || S.faults.tx.count;
+    if (faults) {   /* held frames whose delay is over go first, in order */
+        uint64_t now = now_ns();
+        while ((m = fault_release(&S.faults.rx, now)) != NULL)
+            kb_input(m);
+        while ((m = fault_release(&S.faults.tx, now)) != NULL) {
+            S.txq[S.ntx++] = m;
+            if (S.ntx == KB_TXQ)
+                kb_dpdk_flush();
+        }
+    }
     uint16_t n = rte_eth_rx_burst(S.port, 0, rx, KB_BURST);
     for (uint16_t i = 0; i < n; i++) {
-        struct rte_mbuf *m = rx[i];
-        S.st.rx_bytes += rte_pktmbuf_pkt_len(m);
-        if (m->nb_segs != 1) {   /* jumbo chains: not configured, so not expected */
-            rte_pktmbuf_free(m);
+        S.st.rx_bytes += rte_pktmbuf_pkt_len(rx[i]);
+        if (faults && (S.faults.dirs & 1) && !fault_filter(&S.faults.rx, rx[i]))
             continue;
-        }
-        struct pbuf *p = kb_mbuf_to_pbuf(m);
-        if (p == NULL || S.netif.input(p, &S.netif) != ERR_OK) {
-            if (p) pbuf_free(p); else rte_pktmbuf_free(m);
-        }
+        kb_input(rx[i]);
     }
     S.st.rx_packets += n;
     S.st.polls++;
@@ -565,6 +673,12 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     st->tcp_segs_used = lwip_stats.memp[MEMP_TCP_SEG]->used;
     st->pbufs_used = lwip_stats.memp[MEMP_PBUF]->used;
     st->heap_used = lwip_stats.mem.used;
+    st->tcp_drop = lwip_stats.tcp.drop;
+    st->tcp_chkerr = lwip_stats.tcp.chkerr;
+    st->tcp_proterr = lwip_stats.tcp.proterr;
+    st->tcp_memerr = lwip_stats.tcp.memerr;
+    st->ip_drop = lwip_stats.ip.drop;
+    st->link_drop = lwip_stats.link.drop;
     st->tcp_active = st->tcp_time_wait = 0;
     for (struct tcp_pcb *pcb = tcp_active_pcbs; pcb != NULL; pcb = pcb->next)
         st->tcp_active++;

@@ -55,6 +55,10 @@ typedef struct kb_dpdk_stats {
     uint32_t tcp_pcbs_used, tcp_segs_used, pbufs_used, heap_used;
     uint32_t tcp_active, tcp_time_wait;   /* pcbs on lwIP's active and TIME_WAIT lists */
     uint32_t lwip_errors;    /* memp/mem allocation failures counted by lwIP */
+    uint64_t fault_dropped, fault_delayed, fault_reordered;   /* kb_dpdk_set_faults */
+    /* lwIP's own drop counters: TCP segments dropped (all causes), with a bad checksum, a
+     * protocol error or for want of memory; IP packets dropped; frames dropped by the link */
+    uint32_t tcp_drop, tcp_chkerr, tcp_proterr, tcp_memerr, ip_drop, link_drop;
 } kb_dpdk_stats;
 
 /* Returns 0, or -1 with a message in errbuf. */
@@ -69,6 +73,13 @@ const char *kb_dpdk_runtime_dir(void);
  * Returns the number of frames received. */
 int kb_dpdk_poll(void);
 void kb_dpdk_flush(void);
+
+/* Fault injection for tests (the kernels here have no netem): each frame, received or sent,
+ * is dropped with probability loss_ppm/1e6; the others are held for delay_us, except a
+ * fraction reorder_ppm/1e6 that go at once, overtaking the held ones (netem's model).  All
+ * zero: off (the default). */
+void kb_dpdk_set_faults(uint32_t loss_ppm, uint32_t delay_us, uint32_t reorder_ppm, uint64_t seed,
+                        int directions);   /* 1: received frames, 2: sent frames, 3: both */
 
 /* Events produced since the last drain.  Valid until the next kb_dpdk_poll/flush/tcp call. */
 kb_event *kb_dpdk_events(size_t *count);

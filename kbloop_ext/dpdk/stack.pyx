@@ -47,6 +47,8 @@ cdef extern from "kb_dpdk.h" nogil:
         uint32_t mbufs_total, mbufs_in_use, conns_live
         uint32_t tcp_pcbs_used, tcp_segs_used, pbufs_used, heap_used, lwip_errors
         uint32_t tcp_active, tcp_time_wait
+        uint64_t fault_dropped, fault_delayed, fault_reordered
+        uint32_t tcp_drop, tcp_chkerr, tcp_proterr, tcp_memerr, ip_drop, link_drop
 
     enum:
         KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR
@@ -60,6 +62,8 @@ cdef extern from "kb_dpdk.h" nogil:
     kb_event *kb_dpdk_events(size_t *count)
     void kb_dpdk_events_clear()
     void kb_dpdk_get_stats(kb_dpdk_stats *st)
+    void kb_dpdk_set_faults(uint32_t loss_ppm, uint32_t delay_us, uint32_t reorder_ppm,
+                            uint64_t seed, int directions)
 
     kb_conn *kb_tcp_listen(uint32_t ip, uint16_t port, int backlog, int *err)
     kb_conn *kb_tcp_connect(uint32_t ip, uint16_t port, int *err)
@@ -312,6 +316,18 @@ cdef class Stack:
                 out.append(("error", conn, e.err))
         kb_dpdk_events_clear()
         return out
+
+    def set_faults(self, loss=0.0, delay_us=0, reorder=0.0, seed=0, directions="both"):
+        """Fault injection for tests, netem's model: drop a frame with probability `loss`
+        (percent), hold the others for `delay_us`, except `reorder` percent that go at once,
+        overtaking the held ones; on received frames ("rx"), sent ones ("tx") or "both".
+        All zero: off."""
+        dirs = {"rx": 1, "tx": 2, "both": 3}.get(directions)
+        if dirs is None or not (0 <= loss <= 100 and 0 <= reorder <= 100 and delay_us >= 0):
+            raise ValueError("loss and reorder are percentages, delay_us >= 0, "
+                             "directions is rx, tx or both")
+        kb_dpdk_set_faults(<uint32_t>(loss * 10000), delay_us, <uint32_t>(reorder * 10000),
+                           seed, dirs)
 
     def stats(self):
         cdef kb_dpdk_stats st
