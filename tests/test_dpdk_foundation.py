@@ -407,7 +407,147 @@ def test_thousand_connections_leak_nothing(net):
     assert stats["conns_live"] == 0 and stats["tcp_pcbs_used"] == 0, stats
     assert stats["tcp_segs_used"] == 0 and stats["pbufs_used"] == 0, stats
     assert stats["mbufs_in_use"] == start["mbufs_in_use"], (start, stats)
-    # lwIP's heap: whatever the first connections allocated once (its ARP entry, timers) stays;
-    # 1,000 more connections must not add a byte.
-    assert after_1100["heap_used"] == after_100["heap_used"], (after_100, after_1100)
+    # lwIP's heap (PBUF_RAM) holds a few small buffers at any moment (tens of bytes, varying
+    # between samples); a leak per connection would add at least 1,000 bytes here.
+    assert after_1100["heap_used"] - after_100["heap_used"] < 1000, (after_100, after_1100)
     assert after_1100["tcp_pcbs_used"] == after_100["tcp_pcbs_used"] == 0, after_1100  # (listeners have their own pool)
+
+
+# ---------------------------------------------------------------- bad input
+
+FRAMES = r'''
+import json, os, random, socket, struct, sys, time
+
+iface, dst_mac, src_ip, dst_ip, port, fuzz_seconds, seed = sys.argv[1:8]
+dst = bytes.fromhex(dst_mac.replace(":", ""))
+src = bytes.fromhex(open(f"/sys/class/net/{iface}/address").read().strip().replace(":", ""))
+sip, dip, port = socket.inet_aton(src_ip), socket.inet_aton(dst_ip), int(port)
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind((iface, 0))
+rng = random.Random(int(seed))
+sent = {}
+
+
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def eth(payload, ethertype=0x0800):
+    return dst + src + struct.pack("!H", ethertype) + payload
+
+
+def ip(payload, proto=6, total=None, ihl=5, frag=0, ident=1, good=True):
+    total = 20 + len(payload) if total is None else total
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, ident, frag, 64, proto, 0, sip, dip)
+    c = csum(h) if good else 0x1234
+    return h[:10] + struct.pack("!H", c) + h[12:] + payload
+
+
+def tcp(flags, sport, seq=1, ack=0, data=b"", offset=5, good=True):
+    h = struct.pack("!HHIIBBHHH", sport, port, seq, ack, offset << 4, flags, 65535, 0, 0)
+    pseudo = sip + dip + struct.pack("!BBH", 0, 6, len(h) + len(data))
+    c = csum(pseudo + h + data) if good else 0xBEEF
+    return h[:16] + struct.pack("!H", c) + h[18:] + data
+
+
+def send(kind, frame):
+    try:
+        raw.send(frame[:1514])
+    except OSError:          # the kernel refuses frames shorter than an Ethernet header
+        kind = "refused by the sending kernel"
+    sent[kind] = sent.get(kind, 0) + 1
+
+
+valid_syn = eth(ip(tcp(0x02, 40000)))
+send("header only", eth(b""))
+send("runt", eth(b"\x45"))
+send("truncated ip header", eth(ip(b"")[:12]))
+send("bad ip checksum", eth(ip(tcp(0x02, 40001), good=False)))
+send("ip total length too big", eth(ip(tcp(0x02, 40002), total=1400)))
+send("ip total length too small", eth(ip(tcp(0x02, 40003), total=8)))
+send("ihl too small", eth(ip(tcp(0x02, 40004), ihl=2)))
+send("ihl too big", eth(ip(tcp(0x02, 40005), ihl=15)))
+send("bad tcp checksum", eth(ip(tcp(0x02, 40006, good=False))))
+send("tcp offset too small", eth(ip(tcp(0x02, 40007, offset=2))))
+send("tcp offset too big", eth(ip(tcp(0x02, 40008, offset=15))))
+send("truncated tcp header", eth(ip(tcp(0x02, 40009)[:10])))
+send("tcp to closed port", eth(ip(tcp(0x02, 40010)).replace(struct.pack("!H", port), b"\x00\x01", 1)))
+send("data without connection", eth(ip(tcp(0x18, 40011, data=b"x" * 100))))
+for i in range(40):   # fragments: overlapping, out of order, never completed, and huge offsets
+    payload = os.urandom(rng.choice([8, 16, 64, 512]))
+    frag = (0x2000 if rng.random() < 0.7 else 0) | rng.randrange(0, 8191)
+    send("fragment", eth(ip(payload, proto=rng.choice([1, 6, 17]), frag=frag, ident=7 + i % 3)))
+for ethertype in (0x0806, 0x86DD, 0x8100, 0x1234):   # short ARP, IPv6, VLAN, unknown
+    send("other ethertype", eth(os.urandom(rng.randrange(0, 64)), ethertype))
+for i in range(300):
+    send("random bytes", dst + os.urandom(rng.randrange(8, 1508)))
+for i in range(1000):  # a SYN flood from the peer's address, random ports
+    send("syn flood", eth(ip(tcp(0x02, rng.randrange(1024, 65535), seq=rng.getrandbits(32)))))
+
+# Mutation fuzzing of valid frames for a bounded time; half keep valid checksums so that the
+# deeper layers (TCP options, reassembly, ICMP) see the damage.
+seeds = [valid_syn, eth(ip(tcp(0x18, 40100, data=b"hello"))), eth(ip(b"\x08\x00\xf7\xff\x00\x00\x00\x00", proto=1)),
+         eth(bytes.fromhex("0001080006040001") + src + sip + b"\0" * 6 + dip, 0x0806),
+         eth(ip(tcp(0x02, 40200, offset=8) + b"\x02\x04\x05\xb4\x03\x03\x05\x04\x02\x00\x00\x00"))]
+end = time.monotonic() + float(fuzz_seconds)
+while time.monotonic() < end:
+    frame = bytearray(rng.choice(seeds))
+    for _ in range(rng.randrange(1, 8)):
+        op = rng.random()
+        if op < 0.5:
+            frame[rng.randrange(14, len(frame))] = rng.randrange(256)
+        elif op < 0.7:
+            del frame[rng.randrange(14, len(frame)):]
+            if len(frame) <= 14:
+                frame += os.urandom(4)
+        else:
+            frame += os.urandom(rng.randrange(1, 64))
+    if rng.random() < 0.5 and len(frame) >= 34 and frame[12:14] == b"\x08\x00":
+        ihl = (frame[14] & 0x0F) * 4
+        if 20 <= ihl <= len(frame) - 14:
+            frame[24:26] = b"\0\0"
+            frame[24:26] = struct.pack("!H", csum(bytes(frame[14:14 + ihl])))
+    send("fuzzed", bytes(frame))
+# The fuzzed ARP frames may have taught the stack a wrong MAC for this address, as any host on
+# the link can: announce the right one, as a real host's next ARP exchange would.
+time.sleep(0.2)
+send("arp announcement", seeds[3])
+print(json.dumps(sent))
+'''
+
+
+def test_malformed_frames_and_fuzzing_neither_crash_nor_stall(net):
+    """Truncated headers, wrong checksums and lengths, fragments, random bytes, a SYN flood and
+    mutation-fuzzed frames from the peer namespace (raw AF_PACKET, no kernel stack in between).
+    The stack must keep answering: ping and a clean echo afterwards, and every mbuf back."""
+    peer = Peer(net, "echo", "--vdev", VDEVS["af_packet"], "--ip", net.ip_a, "--port", "7000")
+    start = json.loads(peer.expect("START"))
+    seed = os.environ.get("KBLOOP_FUZZ_SEED", str(int(time.time())))
+    fuzz_seconds = os.environ.get("KBLOOP_FUZZ_SECONDS", "15")
+    bad = subprocess.run(net.cmd_b(sys.executable, "-c", FRAMES, net.if_b, net.mac_a(), net.ip_b,
+                                   net.ip_a, "7000", fuzz_seconds, seed),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 0, bad.stderr[-3000:]
+    sent = json.loads(bad.stdout)
+    assert sent["syn flood"] == 1000 and sent["fuzzed"] > 1000, sent
+    # Still alive and answering, right away.
+    ping = net.in_b("ping", "-c", "3", "-i", "0.2", "-W", "2", net.ip_a, check=False)
+    assert ping.returncode == 0, f"seed {seed}: " + ping.stdout + ping.stderr
+    client = subprocess.run(net.cmd_b(sys.executable, "-c", MANY, net.ip_a, "7000", "20"),
+                            capture_output=True, text=True, timeout=120)
+    assert client.returncode == 0, f"seed {seed}: " + client.stderr[-3000:]
+    assert json.loads(client.stdout) == {"ok": 20}
+    # The flood's half-open connections (SYN_RCVD) go when the peer's RSTs answer the SYN-ACKs,
+    # or at lwIP's SYN_RCVD timeout (20 s) for the ones whose SYN-ACK went to a fuzzed MAC.
+    settled = peer.now(until=lambda st: st["tcp_active"] == 0, timeout=40)
+    assert settled["tcp_active"] == 0 and settled["conns_live"] == 1, settled   # the listener
+    stats, closed = peer.stop()
+    assert stats["tcp_chkerr"] > 0 and stats["ip_drop"] > 0, stats     # the damage was seen
+    assert stats["conns_live"] == 0, stats
+    assert stats["mbufs_in_use"] == start["mbufs_in_use"], (start, stats)
+    assert not closed["runtime_dir_left"]

@@ -679,9 +679,12 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     st->tcp_memerr = lwip_stats.tcp.memerr;
     st->ip_drop = lwip_stats.ip.drop;
     st->link_drop = lwip_stats.link.drop;
-    st->tcp_active = st->tcp_time_wait = 0;
-    for (struct tcp_pcb *pcb = tcp_active_pcbs; pcb != NULL; pcb = pcb->next)
+    st->tcp_active = st->tcp_time_wait = st->tcp_syn_rcvd = st->tcp_established = 0;
+    for (struct tcp_pcb *pcb = tcp_active_pcbs; pcb != NULL; pcb = pcb->next) {
         st->tcp_active++;
+        st->tcp_syn_rcvd += pcb->state == SYN_RCVD;
+        st->tcp_established += pcb->state == ESTABLISHED;
+    }
     for (struct tcp_pcb *pcb = tcp_tw_pcbs; pcb != NULL; pcb = pcb->next)
         st->tcp_time_wait++;
     uint32_t errs = lwip_stats.mem.err;

@@ -54,6 +54,7 @@ typedef struct kb_dpdk_stats {
     uint32_t conns_live;
     uint32_t tcp_pcbs_used, tcp_segs_used, pbufs_used, heap_used;
     uint32_t tcp_active, tcp_time_wait;   /* pcbs on lwIP's active and TIME_WAIT lists */
+    uint32_t tcp_syn_rcvd, tcp_established;   /* of the active ones: half-open, established */
     uint32_t lwip_errors;    /* memp/mem allocation failures counted by lwIP */
     uint64_t fault_dropped, fault_delayed, fault_reordered;   /* kb_dpdk_set_faults */
     /* lwIP's own drop counters: TCP segments dropped (all causes), with a bad checksum, a

@@ -26,20 +26,22 @@
 #define ARP_QUEUEING                1
 #define ARP_TABLE_SIZE              64
 
-/* Memory: the heap (PBUF_RAM, TCP segments' headers) and the pools come from malloc, so a server
- * with many connections is limited by the machine, not by a static array; lwIP still counts
- * every pool element (MEMP_STATS), which the leak tests read.  PBUF_POOL is never used:
- * received frames arrive as custom pbufs over the DPDK mbufs. */
+/* Memory: lwIP's pools (pcbs, segments, pbuf headers, timers) are static arrays sized for a
+ * server, counted per pool by MEMP_STATS; the heap (PBUF_RAM: outgoing segments' data and
+ * headers) comes from malloc and is counted by MEM_STATS, so an idle stack holds no heap at
+ * all, which the leak tests check.  PBUF_POOL is never used: received frames arrive as custom
+ * pbufs over the DPDK mbufs. */
 #define MEM_LIBC_MALLOC             1
-#define MEMP_MEM_MALLOC             1
+#define MEMP_MEM_MALLOC             0
 #define MEM_ALIGNMENT               8
 #define MEM_SIZE                    (16 * 1024 * 1024)   /* only makes mem_size_t 32-bit */
-#define MEMP_NUM_PBUF               65536
+#define MEMP_NUM_PBUF               32768
 #define MEMP_NUM_UDP_PCB            256
 #define MEMP_NUM_TCP_PCB            4096
 #define MEMP_NUM_TCP_PCB_LISTEN     64
-#define MEMP_NUM_TCP_SEG            65536
+#define MEMP_NUM_TCP_SEG            32768
 #define MEMP_NUM_REASSDATA          64
+#define IP_REASS_MAX_PBUFS          512     /* fragments held for reassembly, all datagrams */
 #define MEMP_NUM_FRAG_PBUF          256
 #define MEMP_NUM_ARP_QUEUE          256
 #define PBUF_POOL_SIZE              0
