@@ -24,6 +24,7 @@
 #define IP_FRAG                     1
 #define ETHARP_SUPPORT_STATIC_ENTRIES 0
 #define ARP_QUEUEING                1
+#define ARP_QUEUE_LEN               1024   /* packets waiting for one ARP reply (a burst of SYN-ACKs) */
 #define ARP_TABLE_SIZE              64
 
 /* Memory: lwIP's pools (pcbs, segments, pbuf headers, timers) are static arrays sized for a
@@ -43,7 +44,7 @@
 #define MEMP_NUM_REASSDATA          64
 #define IP_REASS_MAX_PBUFS          512     /* fragments held for reassembly, all datagrams */
 #define MEMP_NUM_FRAG_PBUF          256
-#define MEMP_NUM_ARP_QUEUE          256
+#define MEMP_NUM_ARP_QUEUE          1024
 #define PBUF_POOL_SIZE              0
 #define LWIP_SUPPORT_CUSTOM_PBUF    1
 
