@@ -11,6 +11,7 @@ stack, "CLOSED <json>" (whether the EAL's runtime directory is gone).
 """
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -72,7 +73,7 @@ def settle(stack, seconds):
     while time.monotonic() < end:
         stack.poll()
         st = stack.stats()
-        if st["tcp_active"] == 0 and st["tcp_segs_used"] == 0:
+        if st["tcp_active"] == 0 and st["tcp_segs_used"] == 0 and st["fault_held"] == 0:
             break
 
 
@@ -147,6 +148,8 @@ def main():
     ap.add_argument("--faults", default="", help="loss=PCT,delay_us=N,reorder=PCT")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, on_term)
+    # If the test process dies, this busy-polling peer must not outlive it.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     try:
         stack = Stack(eal_args(args), ip=args.ip)
     except StackError as exc:

@@ -669,6 +669,7 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     st->mbufs_total = S.nb_mbufs;
     st->mbufs_in_use = S.pool ? S.nb_mbufs - rte_mempool_avail_count(S.pool) : 0;
     st->conns_live = S.conns_live;
+    st->fault_held = S.faults.rx.count + S.faults.tx.count;
     st->tcp_pcbs_used = lwip_stats.memp[MEMP_TCP_PCB]->used;
     st->tcp_segs_used = lwip_stats.memp[MEMP_TCP_SEG]->used;
     st->pbufs_used = lwip_stats.memp[MEMP_PBUF]->used;

@@ -57,6 +57,7 @@ typedef struct kb_dpdk_stats {
     uint32_t tcp_syn_rcvd, tcp_established;   /* of the active ones: half-open, established */
     uint32_t lwip_errors;    /* memp/mem allocation failures counted by lwIP */
     uint64_t fault_dropped, fault_delayed, fault_reordered;   /* kb_dpdk_set_faults */
+    uint32_t fault_held;     /* frames held back right now (their mbufs count as in use) */
     /* lwIP's own drop counters: TCP segments dropped (all causes), with a bad checksum, a
      * protocol error or for want of memory; IP packets dropped; frames dropped by the link */
     uint32_t tcp_drop, tcp_chkerr, tcp_proterr, tcp_memerr, ip_drop, link_drop;
