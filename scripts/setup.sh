@@ -9,7 +9,7 @@ need_apt=()
 # dpdk-dev/libdpdk-dev/pkg-config/dpkg-dev: the DPDK datapath (lwIP's source is fetched below);
 # ethtool/iproute2/iputils-ping: its tests' network namespaces and kernel peers.
 for pkg in liburing-dev wrk valgrind gcc redis-server postgresql redis-tools linux-perf \
-           dpdk-dev libdpdk-dev pkg-config dpkg-dev ethtool iproute2 iputils-ping curl; do
+           dpdk-dev libdpdk-dev pkg-config dpkg-dev ethtool iproute2 iputils-ping curl patch; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -38,6 +38,13 @@ if [ ! -d .deps/lwip/src/core ]; then
     mv "$src" .deps/lwip
     rm -rf "$tmp"
 fi
+# Our fixes to lwIP (kbloop_ext/dpdk/lwip/patches, each explained in its file), applied once.
+for fix in kbloop_ext/dpdk/lwip/patches/*.patch; do
+    if ! patch -d .deps/lwip -p1 -R --dry-run -s -f <"$fix" >/dev/null 2>&1; then
+        echo "== lwIP: apply $(basename "$fix")"
+        patch -d .deps/lwip -p1 -s -f <"$fix"
+    fi
+done
 
 echo "== pip install -r requirements-dev.txt"
 $PY -m pip install -q --disable-pip-version-check -r requirements-dev.txt

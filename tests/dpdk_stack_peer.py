@@ -90,14 +90,18 @@ def run_echo(stack, args):
             conn = conns.get(c)
             if conn is None:        # closed earlier in this batch
                 continue
-            if kind == "data":
-                conn.send(ev[2])
-            elif kind == "eof":
-                conn.eof = True
-            elif kind == "error":
+            if kind == "error":
                 del conns[c]
                 continue
-            if conn.pump():         # "sent" too: acknowledgements made room
+            try:
+                if kind == "data":
+                    conn.out += ev[2]
+                elif kind == "eof":
+                    conn.eof = True
+                done = conn.pump()  # "sent" too: acknowledgements made room
+            except StackError:      # reset earlier in this batch: its "error" event follows
+                done = True
+            if done:
                 del conns[c]
     listener.close()
     for conn in conns.values():

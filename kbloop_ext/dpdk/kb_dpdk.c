@@ -704,3 +704,56 @@ const char *kb_lwip_strerr(int err)
     };
     return err <= 0 && -err < (int)(sizeof names / sizeof names[0]) ? names[-err] : "unknown";
 }
+
+/* ------------------------------------------------------------------ options, API table */
+
+void kb_tcp_set_nodelay(kb_conn *c, int on)
+{
+    if (c->pcb == NULL || c->listening)
+        return;
+    if (on)
+        tcp_nagle_disable(c->pcb);
+    else
+        tcp_nagle_enable(c->pcb);
+}
+
+void kb_tcp_set_keepalive(kb_conn *c, int on)
+{
+    if (c->pcb == NULL)
+        return;
+    if (on)
+        ip_set_option(c->pcb, SOF_KEEPALIVE);
+    else
+        ip_reset_option(c->pcb, SOF_KEEPALIVE);
+}
+
+struct pbuf *kb_pbuf_segment(struct pbuf *p, const void **payload, size_t *len)
+{
+    *payload = p->payload;
+    *len = p->len;
+    return p->next;
+}
+
+const kb_dpdk_api kb_dpdk_api_table = {
+    .version = KB_DPDK_API_VERSION,
+    .poll = kb_dpdk_poll,
+    .flush = kb_dpdk_flush,
+    .events = kb_dpdk_events,
+    .events_clear = kb_dpdk_events_clear,
+    .tcp_listen = kb_tcp_listen,
+    .tcp_connect = kb_tcp_connect,
+    .tcp_write = kb_tcp_write,
+    .tcp_output = kb_tcp_output,
+    .tcp_sndbuf = kb_tcp_sndbuf,
+    .tcp_recved = kb_tcp_recved,
+    .tcp_shutdown_write = kb_tcp_shutdown_write,
+    .tcp_close = kb_tcp_close,
+    .tcp_abort = kb_tcp_abort,
+    .conn_release = kb_conn_release,
+    .tcp_addrs = kb_tcp_addrs,
+    .tcp_set_nodelay = kb_tcp_set_nodelay,
+    .tcp_set_keepalive = kb_tcp_set_keepalive,
+    .pbuf_segment = kb_pbuf_segment,
+    .pbuf_free = kb_pbuf_free,
+    .strerr = kb_lwip_strerr,
+};

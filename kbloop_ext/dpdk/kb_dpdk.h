@@ -110,4 +110,42 @@ void kb_pbuf_free(struct pbuf *p);
 
 const char *kb_lwip_strerr(int err);
 
+/* TCP options: Nagle off (asyncio's TCP_NODELAY default), keep-alive on or off. */
+void kb_tcp_set_nodelay(kb_conn *c, int on);
+void kb_tcp_set_keepalive(kb_conn *c, int on);
+/* One piece of a pbuf chain: its payload and length; returns the next piece or NULL. */
+struct pbuf *kb_pbuf_segment(struct pbuf *p, const void **payload, size_t *len);
+
+/* The functions the loop's DPDK datapath calls on its hot path, as a table exported by the
+ * kbloop_ext.dpdk.stack module in a PyCapsule (KB_DPDK_API_CAPSULE): the loop core includes
+ * this header for the types and calls through the table, so it has no link-time dependency
+ * on DPDK or lwIP and loads on machines without them. */
+#define KB_DPDK_API_CAPSULE "kbloop_ext.dpdk.stack._C_API"
+#define KB_DPDK_API_VERSION 1
+typedef struct kb_dpdk_api {
+    int version;
+    int (*poll)(void);
+    void (*flush)(void);
+    kb_event *(*events)(size_t *count);
+    void (*events_clear)(void);
+    kb_conn *(*tcp_listen)(uint32_t ip, uint16_t port, int backlog, int *err);
+    kb_conn *(*tcp_connect)(uint32_t ip, uint16_t port, int *err);
+    long (*tcp_write)(kb_conn *c, const void *data, size_t len, int more);
+    int (*tcp_output)(kb_conn *c);
+    size_t (*tcp_sndbuf)(kb_conn *c);
+    void (*tcp_recved)(kb_conn *c, uint32_t len);
+    int (*tcp_shutdown_write)(kb_conn *c);
+    int (*tcp_close)(kb_conn *c);
+    void (*tcp_abort)(kb_conn *c);
+    void (*conn_release)(kb_conn *c);
+    int (*tcp_addrs)(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport);
+    void (*tcp_set_nodelay)(kb_conn *c, int on);
+    void (*tcp_set_keepalive)(kb_conn *c, int on);
+    struct pbuf *(*pbuf_segment)(struct pbuf *p, const void **payload, size_t *len);
+    void (*pbuf_free)(struct pbuf *p);
+    const char *(*strerr)(int err);
+} kb_dpdk_api;
+
+extern const kb_dpdk_api kb_dpdk_api_table;
+
 #endif

@@ -15,6 +15,7 @@ import struct
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.pycapsule cimport PyCapsule_New
 
 
 cdef extern from "kb_dpdk.h" nogil:
@@ -82,6 +83,15 @@ cdef extern from "kb_dpdk.h" nogil:
     size_t kb_pbuf_copy(pbuf *p, void *dst, size_t length)
     void kb_pbuf_free(pbuf *p)
     const char *kb_lwip_strerr(int err)
+
+    ctypedef struct kb_dpdk_api:
+        pass
+    const kb_dpdk_api kb_dpdk_api_table
+    const char *KB_DPDK_API_CAPSULE
+
+
+# The hot-path functions for the loop's DPDK datapath (kb_dpdk.h, struct kb_dpdk_api).
+_C_API = PyCapsule_New(<void *>&kb_dpdk_api_table, KB_DPDK_API_CAPSULE, NULL)
 
 
 # lwIP's err_t values that name a connection's fate.
@@ -180,6 +190,11 @@ cdef class TcpConn:
 
 
 cdef bint _running = False
+
+
+def is_running():
+    """Whether this process's Stack is started (the EAL can run once per process)."""
+    return _running
 
 
 cdef class Stack:
