@@ -28,7 +28,7 @@ if SANITIZE:
 core = Extension(
     'kbloop_ext.core',
     sources=['kbloop_ext/core.pyx', 'kbloop_ext/uring/kb_uring.c'],
-    include_dirs=['kbloop_ext/uring'],
+    include_dirs=['kbloop_ext/uring', 'kbloop_ext/dpdk'],
     libraries=['uring'],
     extra_compile_args=extra_compile,
     extra_link_args=extra_link,
@@ -65,7 +65,8 @@ def dpdk_extension():
     # pkg-config's cflags include "-include rte_config.h" and -march: compile args, as given.
     return Extension(
         'kbloop_ext.dpdk.stack',
-        sources=['kbloop_ext/dpdk/stack.pyx', 'kbloop_ext/dpdk/kb_dpdk.c'] + lwip_sources,
+        sources=['kbloop_ext/dpdk/stack.pyx', 'kbloop_ext/dpdk/kb_dpdk.c',
+                 'kbloop_ext/dpdk/kb_echo_load.c'] + lwip_sources,
         include_dirs=['kbloop_ext/dpdk', 'kbloop_ext/dpdk/lwip', os.path.join(lwip, 'src', 'include')],
         extra_compile_args=extra_compile + cflags + ['-Wno-address', '-Wno-unused-but-set-variable'],
         extra_link_args=extra_link + libs,

@@ -12,21 +12,23 @@ if not sys.platform.startswith('linux'):
                       'for every feature); on this platform use asyncio or uvloop')
 
 import asyncio
+import ipaddress
 import os
 import platform
+import shlex
 import warnings
 
 from kbloop_ext.core import (BackendUnavailable, Buffer, BufferPool, Server, SocketTransport,
-                             UnixLoopMixin, ZeroCopyProtocol,
+                             StackSocket, UnixLoopMixin, ZeroCopyProtocol, DpdkDatapath,
                              UringDatapath, _CoreLoop, _set_worker_reuse_port, _tune_malloc,
                              force_uring_failure, probe_io_uring)
 
 __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
            'BackendUnavailable', 'info', 'Server', 'SocketTransport', 'Buffer', 'BufferPool',
-           'ZeroCopyProtocol', 'format_stats']
+           'ZeroCopyProtocol', 'StackSocket', 'format_stats']
 __version__ = '0.1.0'
 
-BACKENDS = ('io_uring',)
+BACKENDS = ('io_uring', 'dpdk')
 
 if os.environ.get('KBLOOP_FORCE_URING_ERROR'):
     force_uring_failure(os.environ['KBLOOP_FORCE_URING_ERROR'])
@@ -57,12 +59,23 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
     KBLOOP_SPIN_US, KBLOOP_SQPOLL=1, KBLOOP_SQ_CPU, KBLOOP_SQ_IDLE_MS, KBLOOP_NAPI_US,
     KBLOOP_POOL_LIMIT_MB, KBLOOP_HUGEPAGES=0.  KBLOOP_STATS=1 prints loop.stats() on one line
     to stderr when the loop closes.
+
+    backend="dpdk" (docs/dpdk.md) adds the DPDK datapath, a user-space TCP/IP stack on a DPDK
+    port, beside io_uring: TCP servers on the wildcard or the stack's address and connections
+    to its network go through it, the rest (Unix sockets, pipes, 127.0.0.1, files) through the
+    kernel.  ip: the stack's address with its prefix ("10.0.0.2/24"); gateway: the next hop
+    for other networks; dpdk_vdev: a virtual device ("net_af_xdp0,iface=eth1"), or dpdk_args:
+    the EAL's whole argument list (a real NIC: ["-a", "0000:03:00.0", ...]); dpdk_port: the
+    port id.  Environment: KBLOOP_DPDK_IP, KBLOOP_DPDK_GATEWAY, KBLOOP_DPDK_VDEV,
+    KBLOOP_DPDK_ARGS (shell words), KBLOOP_DPDK_PORT.  The loop then busy-polls: it never
+    sleeps, as a poll-mode driver needs.
     """
 
     def __init__(self, *, ring_entries=None, recv_buffers=None, recv_buffer_size=None,
                  single_issuer=None, busy_poll=None, cpu=None, spin_us=None, sqpoll=None,
                  sq_cpu=None, sq_idle_ms=None, napi_busy_poll_us=None, pool_limit_mb=None,
-                 hugepages=None):
+                 hugepages=None, backend=None, ip=None, gateway=None, dpdk_vdev=None,
+                 dpdk_args=None, dpdk_port=None):
         cpu = _option(cpu, 'KBLOOP_CPU', None)
         if cpu is not None and cpu not in os.sched_getaffinity(0):
             raise ValueError(f'cpu {cpu} is not one this process may run on '
@@ -71,7 +84,30 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
         if limit_mb < 2:
             raise ValueError(f'pool_limit_mb must be at least 2, got {limit_mb}')
         pool = BufferPool(limit_mb << 20, bool(_option(hugepages, 'KBLOOP_HUGEPAGES', 1)))
-        datapath = UringDatapath(
+        backend = backend or os.environ.get('KBLOOP_BACKEND', 'io_uring')
+        if backend not in BACKENDS:
+            raise BackendUnavailable(
+                f'unknown kbloop backend {backend!r}; available: {", ".join(BACKENDS)}')
+        net = None
+        if backend == 'dpdk':
+            net = _dpdk_datapath(pool, cpu, ip, gateway, dpdk_vdev, dpdk_args, dpdk_port)
+        try:
+            datapath = self._uring_datapath(
+                pool, ring_entries, recv_buffers, recv_buffer_size, single_issuer, busy_poll,
+                spin_us, sqpoll, sq_cpu, sq_idle_ms, napi_busy_poll_us)
+        except BaseException:
+            if net is not None:
+                net.release()
+            raise
+        _CoreLoop.__init__(self, datapath, net)
+        self._pin_cpu = cpu
+        self._stats_at_close = os.environ.get('KBLOOP_STATS') == '1'
+        _tune_malloc_once()
+
+    @staticmethod
+    def _uring_datapath(pool, ring_entries, recv_buffers, recv_buffer_size, single_issuer,
+                        busy_poll, spin_us, sqpoll, sq_cpu, sq_idle_ms, napi_busy_poll_us):
+        return UringDatapath(
             _option(ring_entries, 'KBLOOP_RING_ENTRIES', 4096),
             _option(recv_buffers, 'KBLOOP_RECV_BUFFERS', 512),
             _option(recv_buffer_size, 'KBLOOP_RECV_BUFFER_SIZE', 65536),
@@ -82,15 +118,52 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
             _option(sq_cpu, 'KBLOOP_SQ_CPU', -1),
             _option(sq_idle_ms, 'KBLOOP_SQ_IDLE_MS', 1000),
             _option(napi_busy_poll_us, 'KBLOOP_NAPI_US', 0), pool)
-        _CoreLoop.__init__(self, datapath)
-        self._pin_cpu = cpu
-        self._stats_at_close = os.environ.get('KBLOOP_STATS') == '1'
-        _tune_malloc_once()
 
     def close(self):
         if self._stats_at_close and not self.is_closed() and not self.is_running():
             print(format_stats(self.stats()), file=sys.stderr, flush=True)
         super().close()
+
+
+def _dpdk_datapath(pool, cpu, ip, gateway, vdev, args, port):
+    """The DPDK datapath from the loop's options, or the environment (docs/dpdk.md)."""
+    ip = ip or os.environ.get('KBLOOP_DPDK_IP')
+    if not ip:
+        raise ValueError('backend="dpdk" needs the stack\'s address: ip="10.0.0.2/24" '
+                         '(or KBLOOP_DPDK_IP, or python -m kbloop --ip)')
+    try:
+        iface = ipaddress.IPv4Interface(ip)
+    except ValueError as exc:
+        raise ValueError(f'ip must be an IPv4 address with a prefix, e.g. "10.0.0.2/24": '
+                         f'{exc}') from None
+    gateway = gateway or os.environ.get('KBLOOP_DPDK_GATEWAY') or '0.0.0.0'
+    try:
+        gateway = str(ipaddress.IPv4Address(gateway))
+    except ValueError as exc:
+        raise ValueError(f'gateway must be an IPv4 address: {exc}') from None
+    if args is None and os.environ.get('KBLOOP_DPDK_ARGS'):
+        args = shlex.split(os.environ['KBLOOP_DPDK_ARGS'])
+    vdev = vdev or os.environ.get('KBLOOP_DPDK_VDEV')
+    if args is None:
+        if not vdev:
+            raise ValueError('backend="dpdk" needs a device: dpdk_vdev="net_af_xdp0,iface=eth1" '
+                             '(KBLOOP_DPDK_VDEV, --dpdk-vdev) or the EAL\'s arguments in '
+                             'dpdk_args (KBLOOP_DPDK_ARGS, --dpdk-args)')
+        args = default_eal_args(vdev, cpu)
+    elif isinstance(args, str):
+        args = shlex.split(args)
+    return DpdkDatapath(list(args), _option(port, 'KBLOOP_DPDK_PORT', 0), str(iface.ip),
+                        str(iface.netmask), gateway, pool)
+
+
+def default_eal_args(vdev, cpu=None):
+    """EAL arguments for one virtual device without hugepages or PCI devices: what tests and
+    virtual machines use.  The EAL pins its main thread to its lcore; without cpu= the lcore
+    may float over every CPU this process may use, so the loop's thread keeps its affinity."""
+    cpus = [cpu] if cpu is not None else sorted(os.sched_getaffinity(0))
+    return ['--no-huge', '-m', '256', '--no-pci', '--lcores', f'0@({",".join(map(str, cpus))})',
+            '--file-prefix', f'kbloop{os.getpid()}', '--log-level', 'lib.*:error',
+            '--vdev', vdev]
 
 
 def format_stats(stats):
@@ -164,7 +237,7 @@ def new_event_loop(*, backend=None, **options):
         raise BackendUnavailable(
             f'unknown kbloop backend {backend!r}; available: {", ".join(BACKENDS)}')
     try:
-        return Loop(**options)
+        return Loop(backend=backend, **options)
     except BackendUnavailable as exc:
         if explicit:
             raise
@@ -215,7 +288,10 @@ def _apply_worker_env():
 def info():
     """What kbloop can use on this machine, and why not where it cannot."""
     uring = probe_io_uring()
+    from kbloop_ext import dpdk
+    dpdk_built, dpdk_why = dpdk.available()
     return {
+        'dpdk': {'built': dpdk_built, 'reason': dpdk_why},
         'kbloop': __version__,
         'python': platform.python_version(),
         'kernel': platform.release(),

@@ -5,6 +5,8 @@
     python -m kbloop [--backend io_uring] -m package.module [args...]
     python -m kbloop --workers N [--busy-poll] script.py [args...]   # one loop per core
     python -m kbloop --stats script.py     # each loop prints its counters when it closes
+    python -m kbloop --backend dpdk --dpdk-vdev net_af_xdp0,iface=eth1 --ip 10.0.0.2/24 \
+        server.py                          # TCP on a user-space stack (docs/dpdk.md)
 """
 import argparse
 import json
@@ -50,6 +52,15 @@ def main(argv=None):
     parser.add_argument('--sqpoll', action='store_true', help='SQPOLL ring (KBLOOP_SQPOLL=1)')
     parser.add_argument('--stats', action='store_true',
                         help="print each loop's counters to stderr when it closes (KBLOOP_STATS=1)")
+    dpdk = parser.add_argument_group('the DPDK datapath (--backend dpdk; docs/dpdk.md)')
+    dpdk.add_argument('--ip', help="the stack's IPv4 address and prefix, e.g. 10.0.0.2/24 "
+                                   '(KBLOOP_DPDK_IP)')
+    dpdk.add_argument('--gateway', help='next hop for other networks (KBLOOP_DPDK_GATEWAY)')
+    dpdk.add_argument('--dpdk-vdev', help='a DPDK virtual device, e.g. net_af_xdp0,iface=eth1 '
+                                          '(KBLOOP_DPDK_VDEV)')
+    dpdk.add_argument('--dpdk-args', help="the EAL's arguments as one shell-quoted string, for "
+                                          'a real NIC (KBLOOP_DPDK_ARGS)')
+    dpdk.add_argument('--dpdk-port', type=int, help='the DPDK port id (KBLOOP_DPDK_PORT)')
     parser.add_argument('-m', dest='module', help='run a library module as a script')
     parser.add_argument('script', nargs='?')
     parser.add_argument('args', nargs=argparse.REMAINDER)
@@ -60,6 +71,13 @@ def main(argv=None):
         os.environ['KBLOOP_BACKEND'] = opts.backend
     if opts.busy_poll:
         os.environ['KBLOOP_BUSY_POLL'] = '1'
+    for value, env in ((opts.ip, 'KBLOOP_DPDK_IP'), (opts.gateway, 'KBLOOP_DPDK_GATEWAY'),
+                       (opts.dpdk_vdev, 'KBLOOP_DPDK_VDEV'), (opts.dpdk_args, 'KBLOOP_DPDK_ARGS'),
+                       (opts.dpdk_port, 'KBLOOP_DPDK_PORT')):
+        if value is not None:
+            os.environ[env] = str(value)
+    if opts.backend == 'dpdk' and not os.environ.get('KBLOOP_DPDK_IP'):
+        parser.error('--backend dpdk needs --ip (the stack\'s address, e.g. 10.0.0.2/24)')
     if opts.sqpoll:
         os.environ['KBLOOP_SQPOLL'] = '1'
     if opts.stats:

@@ -6,6 +6,7 @@ The pieces live in their own files (included below) so that the layout shows the
   transports/  stream transports written once against the datapath contract
   datapath.pxi the contract itself
   uring/       the io_uring datapath (liburing)
+  dpdk/        the DPDK datapath (lwIP over a DPDK port, driven through kbloop_ext.dpdk.stack)
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
@@ -37,6 +38,7 @@ cdef extern from "<malloc.h>":
 cdef extern from "<poll.h>":
     int POLLIN, POLLOUT
 
+import atexit
 import collections.abc
 import concurrent.futures
 import contextvars
@@ -80,6 +82,8 @@ cdef class StreamCore
 cdef class DatagramCore
 cdef class Listener
 cdef class FdWatch
+cdef class DpdkDatapath
+cdef class StackSocket
 
 include "loop/handles.pxi"
 include "buffers/pool.pxi"
@@ -89,6 +93,7 @@ include "transports/stream.pxi"
 include "transports/datagram.pxi"
 include "uring/datapath.pxi"
 include "uring/probe.pxi"
+include "dpdk/datapath.pxi"
 include "loop/loop.pxi"
 include "loop/server.pxi"
 include "loop/unix.pxi"

@@ -77,6 +77,17 @@ cdef class Datapath:
         """Cancel every operation still pending on fd, then close it."""
         raise NotImplementedError
 
+    cdef int attach(self, TransportCore t) except -1:
+        """A transport now owns t._sock (a device without fds routes events by socket)."""
+        return 0
+
+    cdef int close_socket(self, sock) except -1:
+        """A transport is done with sock: close it (for fd devices, through close_fd)."""
+        fd = sock.detach()
+        if fd >= 0:
+            self.close_fd(fd)
+        return 0
+
     # -- datagrams -------------------------------------------------------------------------
     cdef int dgram_recv_start(self, DatagramCore t) except -1:
         """Receive one datagram: t._on_datagram(data, addr) or t._on_dgram_error(errno), then

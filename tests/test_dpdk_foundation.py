@@ -10,17 +10,15 @@ where they started, and the EAL must leave no runtime files behind.
 import hashlib
 import json
 import os
-import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
+import childproc
 import netns
 from kbloop_ext import dpdk
 
@@ -48,56 +46,23 @@ def py(code, *args, timeout=60):
                           timeout=timeout, env=env, cwd=REPO)
 
 
-_live_peers = []
-
-
 @pytest.fixture(autouse=True)
 def _kill_leftover_peers():
     """A test that fails (or times out) before stopping its peers must not leave them
     busy-polling: kill them, and clean up their EAL runtime files."""
     yield
-    while _live_peers:
-        _live_peers.pop().kill()
+    childproc.kill_leftovers()
 
 
-class Peer:
-    """tests/dpdk_stack_peer.py in namespace A (or here, with net=None); a thread collects its
-    lines as they come."""
+class Peer(childproc.Child):
+    """tests/dpdk_stack_peer.py in namespace A (or here, with net=None)."""
 
     def __init__(self, net, *args):
         env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, PEER, *args]
-        self.proc = subprocess.Popen(net.cmd_a(*cmd) if net else cmd, env=env, cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _live_peers.append(self)
-        self.lines = queue.Queue()
-        self.seen = []
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__(net.cmd_a(*cmd) if net else cmd, env=env, cwd=REPO,
+                         runtime_dirs=["/var/run/dpdk/kbtest{pid}"], what="DPDK peer")
         self.expect("READY", timeout=30)
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, tag, timeout=30):
-        end = time.monotonic() + timeout
-        for line in self.seen:
-            if line.startswith(tag + " "):
-                return line[len(tag) + 1:]
-        while (left := end - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-            if line.startswith(tag + " "):
-                return line[len(tag) + 1:]
-        self.kill()
-        raise AssertionError(f"no {tag} line from the DPDK peer; got {self.seen}; stderr: "
-                             + self.proc.stderr.read()[-3000:])
 
     def stop(self):
         """SIGTERM; returns (stats, closed) as the peer printed them."""
@@ -120,13 +85,6 @@ class Peer:
             if until(stats) or time.monotonic() > end:
                 return stats
             time.sleep(0.1)
-
-    def kill(self):
-        """A peer that had to be killed cannot clean up the EAL's runtime files: do it here."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-            shutil.rmtree(f"/var/run/dpdk/kbtest{self.proc.pid}", ignore_errors=True)
 
 
 @pytest.fixture

@@ -116,6 +116,16 @@ void kb_tcp_set_keepalive(kb_conn *c, int on);
 /* One piece of a pbuf chain: its payload and length; returns the next piece or NULL. */
 struct pbuf *kb_pbuf_segment(struct pbuf *p, const void **payload, size_t *len);
 
+/* Closed-loop echo load on this stack (kb_echo_load.c, for bench/dpdk_echo_load.py):
+ * nconns connections to ip:port exchange size-byte messages for warmup + seconds.
+ * Returns 0 (errors counted in res) or -1 without memory. */
+typedef struct kb_echo_load_result {
+    uint64_t requests, errors;
+    double seconds, rps, p50_us, p90_us, p99_us;
+} kb_echo_load_result;
+int kb_echo_load(uint32_t ip, uint16_t port, int nconns, size_t size, double seconds,
+                 double warmup, kb_echo_load_result *res);
+
 /* The functions the loop's DPDK datapath calls on its hot path, as a table exported by the
  * kbloop_ext.dpdk.stack module in a PyCapsule (KB_DPDK_API_CAPSULE): the loop core includes
  * this header for the types and calls through the table, so it has no link-time dependency

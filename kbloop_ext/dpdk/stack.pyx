@@ -84,6 +84,12 @@ cdef extern from "kb_dpdk.h" nogil:
     void kb_pbuf_free(pbuf *p)
     const char *kb_lwip_strerr(int err)
 
+    ctypedef struct kb_echo_load_result:
+        uint64_t requests, errors
+        double seconds, rps, p50_us, p90_us, p99_us
+    int kb_echo_load(uint32_t ip, uint16_t port, int nconns, size_t size, double seconds,
+                     double warmup, kb_echo_load_result *res)
+
     ctypedef struct kb_dpdk_api:
         pass
     const kb_dpdk_api kb_dpdk_api_table
@@ -344,6 +350,18 @@ cdef class Stack:
                              "directions is rx, tx or both")
         kb_dpdk_set_faults(<uint32_t>(loss * 10000), delay_us, <uint32_t>(reorder * 10000),
                            seed, dirs)
+
+    def echo_load(self, str ip, int port, int conns, size_t size, double seconds,
+                  double warmup=0.5):
+        """A closed-loop echo load generator on this stack, in C (kb_echo_load.c): returns
+        requests, rps, latency percentiles (us) and errors of the measured part."""
+        self.check()
+        cdef kb_echo_load_result res
+        if conns < 1 or size < 1 or seconds <= 0 or warmup < 0:
+            raise ValueError("conns and size must be positive, seconds > 0, warmup >= 0")
+        if kb_echo_load(ip4(ip), port, conns, size, seconds, warmup, &res) != 0:
+            raise MemoryError()
+        return res
 
     def stats(self):
         cdef kb_dpdk_stats st

@@ -8,6 +8,7 @@
 # asyncio unchanged, so they behave exactly as asyncio's do.
 
 cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
+cdef int URING_PEEK_ROUNDS = 32     # stack polls per look at the io_uring datapath
 _CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
 # Set in each kbloop worker process (kbloop.workers): unmodified servers share their port.
 _WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
@@ -57,15 +58,19 @@ cdef class _CoreLoop:
         dict _listeners          # listening fd -> Listener
         dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
         readonly Datapath _dp
+        readonly Datapath _net   # a user-space network stack (DPDK) beside _dp, or None
         uint64_t _iterations
 
     def __cinit__(self):
         self._closed = True     # until __init__ has a datapath (asyncio's __del__ checks it)
 
-    def __init__(self, Datapath datapath not None):
+    def __init__(self, Datapath datapath not None, Datapath net=None):
         self._closed = False
         self._dp = datapath
         datapath.loop = self
+        self._net = net
+        if net is not None:
+            net.loop = self
         self._ready = []
         self._scheduled = []
         self._flush_queue = []
@@ -214,6 +219,8 @@ cdef class _CoreLoop:
             close_unix()
         self._readers.clear()
         self._writers.clear()
+        if self._net is not None:
+            self._net.close()
         self._dp.close()
 
     cpdef _run_once(self):
@@ -255,9 +262,12 @@ cdef class _CoreLoop:
 
         self._submit_queued()
         deadline = _monotonic() + timeout_ns * 1e-9
-        self._dp.poll(timeout_ns)
+        if self._net is not None:
+            self._poll_with_stack(timeout_ns, deadline)
+        else:
+            self._dp.poll(timeout_ns)
         self._iterations += 1
-        if timeout_ns != 0:
+        if timeout_ns != 0 and self._net is None:
             # A blocking wait may end on completions that make no work (a send finishing):
             # keep waiting, up to the same deadline, without a Python-level iteration.
             while (not self._ready and not self._flush_queue and not self._rearm_watches
@@ -310,6 +320,33 @@ cdef class _CoreLoop:
             self._current_handle = None
             raise
 
+    cdef int _poll_with_stack(self, int64_t timeout_ns, double deadline) except -1:
+        """With a user-space stack the loop never sleeps: that device is polled, not woken.
+        Spin on it, and look at the io_uring datapath (kernel I/O, timers' wake-ups, signals)
+        every URING_PEEK_ROUNDS rounds, until there is work or the deadline passes."""
+        cdef Py_ssize_t rounds = 0
+        while True:
+            self._net.poll(0)
+            if rounds % URING_PEEK_ROUNDS == 0:
+                self._dp.poll(0)
+            rounds += 1
+            if (timeout_ns == 0 or self._ready or self._flush_queue or self._rearm_watches
+                    or self._stopping):
+                return 0
+            if rounds % URING_PEEK_ROUNDS == 0:
+                if timeout_ns > 0 and _monotonic() >= deadline:
+                    self._dp.poll(0)
+                    return 0
+                if PyErr_CheckSignals() < 0:
+                    return -1
+
+    cdef Datapath _datapath_of(self, sock):
+        """The datapath that carries sock: the stack's for its stand-in sockets, else the
+        kernel's (io_uring)."""
+        if self._net is not None and type(sock) is StackSocket:
+            return self._net
+        return self._dp
+
     cdef _submit_queued(self):
         """Queue this iteration's gathered writes and fd-watch re-arms on the datapath."""
         cdef list queue
@@ -342,13 +379,15 @@ cdef class _CoreLoop:
     def stats(self):
         """Counters of this loop and its datapath (submissions, completions, enters...)."""
         d = self._dp.stats()
+        if self._net is not None:
+            d[self._net.name] = self._net.stats()
         d['iterations'] = self._iterations
-        d['backend'] = self._dp.name
+        d['backend'] = self._dp.name if self._net is None else self._net.name
         return d
 
     @property
     def backend(self):
-        return self._dp.name
+        return self._dp.name if self._net is None else self._net.name
 
     # -- zero-copy buffers ----------------------------------------------------------------------
     def alloc_buffer(self, Py_ssize_t nbytes):
@@ -413,6 +452,9 @@ cdef class _CoreLoop:
 
     # -- sock_* on the ring -------------------------------------------------------------------
     cdef _check_sock(self, sock):
+        if type(sock) is StackSocket:
+            raise TypeError('loop.sock_*() needs a kernel socket, not a DPDK stack socket: '
+                            'use a transport or streams on the DPDK datapath')
         base_events._check_ssl_socket(sock)
         if self._debug and sock.gettimeout() != 0:
             raise ValueError('the socket must be non-blocking')
@@ -532,6 +574,9 @@ cdef class _CoreLoop:
 
     async def _sendfile_native(self, transp, file, offset, count):
         cdef StreamCore core = transp._core
+        if core._dp is not self._dp:
+            raise exceptions.SendfileNotAvailableError(
+                'sendfile goes through the kernel; this transport is on the DPDK datapath')
         transp.pause_reading()
         await core._make_empty_waiter()
         try:
@@ -601,8 +646,28 @@ cdef class _CoreLoop:
         attempts = _connect_attempts.get()
         if attempts is not None and not any(a is exceptions for a in attempts):
             attempts.append(exceptions)
+        if (self._net is not None and addr_info[0] == AF_INET and not local_addr_infos
+                and self._net.reaches(addr_info[4][0])):
+            return await self._connect_stack(exceptions, addr_info[4])
         return await base_events.BaseEventLoop._connect_sock(
             self, exceptions, addr_info, local_addr_infos)
+
+    async def _connect_stack(self, exceptions, address):
+        """An active open on the user-space stack (asyncio's _connect_sock, for its sockets)."""
+        cdef DpdkDatapath net = self._net
+        mine = []
+        exceptions.append(mine)
+        sock = net.socket()
+        try:
+            await net.connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            mine.append(OSError(exc.errno, f'Connect call failed {address}'))
+            raise mine[-1] from None
+        except BaseException:
+            sock.close()
+            raise
 
     async def create_server(self, protocol_factory, host=None, port=None, *,
                             family=AF_UNSPEC, flags=AI_PASSIVE, sock=None, backlog=100,
@@ -619,8 +684,11 @@ cdef class _CoreLoop:
                 reuse_address = True
             if reuse_port is None and _WORKER_REUSE_PORT:
                 reuse_port = True       # a kbloop worker: the port is shared with its siblings
-            sockets = await self._bind_listening(host, port, family, flags, reuse_address,
-                                                 reuse_port)
+            if self._net is not None and self._stack_serves(host, family):
+                sockets = self._bind_stack(host, port)
+            else:
+                sockets = await self._bind_listening(host, port, family, flags, reuse_address,
+                                                     reuse_port)
         else:
             if sock is None:
                 raise ValueError('Neither host/port nor sock were specified')
@@ -640,6 +708,26 @@ cdef class _CoreLoop:
         if self._debug:
             logger.info('%r is serving', server)
         return server
+
+    cdef bint _stack_serves(self, host, family):
+        """create_server on the wildcard or the stack's address listens on the user-space
+        stack (docs/dpdk.md); other addresses (127.0.0.1, IPv6) on the kernel's."""
+        if family not in (AF_UNSPEC, AF_INET):
+            return False
+        if host is None or isinstance(host, str):
+            return self._net.serves(host)
+        return all(self._net.serves(h) for h in host)
+
+    cdef list _bind_stack(self, host, port):
+        cdef DpdkDatapath net = self._net
+        sock = net.socket()
+        try:
+            sock.bind((host if isinstance(host, str) or host is None else net.ip, port or 0))
+        except OSError as err:
+            sock.close()
+            raise OSError(err.errno, 'error while attempting to bind on address %r: %s'
+                          % ((host, port), err.strerror.lower())) from None
+        return [sock]
 
     async def _bind_listening(self, host, port, family, flags, reuse_address, reuse_port):
         if host == '':

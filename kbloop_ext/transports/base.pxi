@@ -36,7 +36,7 @@ cdef class TransportCore:
 
     cdef _init_core(self, _CoreLoop loop, sock, protocol, extra, server, facade_class):
         self._loop = loop
-        self._dp = loop._dp
+        self._dp = loop._datapath_of(sock)
         self._sock = sock
         self._fd = sock.fileno()
         self._stash = []
@@ -55,6 +55,7 @@ cdef class TransportCore:
                 self._extra['peername'] = None
         self._facade = facade_class(self)
         loop._transports[self._fd] = self
+        self._dp.attach(self)
         self._set_protocol(protocol)
         self._server = server
         if server is not None:
@@ -230,9 +231,7 @@ cdef class TransportCore:
                 self._sock = None
                 if self._loop._transports.get(self._fd) is self:
                     del self._loop._transports[self._fd]
-                fd = sock.detach()
-                if fd >= 0:
-                    self._dp.close_fd(fd)
+                self._dp.close_socket(sock)
             self._protocol = None
             self._set_protocol_methods_none()
             # ops still in flight keep us alive until their completion; drop our side of the

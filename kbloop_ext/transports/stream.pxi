@@ -95,6 +95,8 @@ cdef class StreamCore(TransportCore):
         try:
             if self._is_buffered:
                 self._feed_buffered(ptr, n)
+            elif self._zero_copy:     # a device that lends no pool buffers: bytes
+                self._buffer_received(PyBytes_FromStringAndSize(ptr, n))
             else:
                 self._data_received(PyBytes_FromStringAndSize(ptr, n))
         except (SystemExit, KeyboardInterrupt):
@@ -331,6 +333,7 @@ cdef class Listener:
     """A listening socket whose accepted connections become transports (multishot accept)."""
     cdef:
         _CoreLoop _loop
+        Datapath _dp
         readonly object sock
         readonly int fd
         object protocol_factory
@@ -343,6 +346,7 @@ cdef class Listener:
     def __init__(self, _CoreLoop loop, sock, protocol_factory, sslcontext, server,
                  ssl_handshake_timeout, ssl_shutdown_timeout):
         self._loop = loop
+        self._dp = loop._datapath_of(sock)
         self.sock = sock
         self.fd = sock.fileno()
         self.protocol_factory = protocol_factory
@@ -354,7 +358,7 @@ cdef class Listener:
     cdef start(self):
         if not self.active:
             self.active = True
-            self._loop._dp.listen(self)
+            self._dp.listen(self)
 
     cdef stop(self):
         if self.active:
@@ -365,7 +369,7 @@ cdef class Listener:
                 self.sock.shutdown(SHUT_RD_PY)
             except OSError:
                 pass
-            self._loop._dp.unlisten(self)
+            self._dp.unlisten(self)
 
     cdef void _on_accept(self, int fd) except *:
         sock = self.sock
@@ -373,6 +377,10 @@ cdef class Listener:
             os.close(fd)
             return
         conn = socket_socket(sock.family, sock.type | SOCK_NONBLOCK, sock.proto, fileno=fd)
+        self._on_accept_socket(conn)
+
+    cdef void _on_accept_socket(self, conn) except *:
+        """A new connection (a kernel socket, or a device's stand-in for one): its transport."""
         try:
             protocol = self.protocol_factory()
             if self.sslcontext is not None:
@@ -413,7 +421,7 @@ cdef class Listener:
     cdef void _on_accept_done(self) except *:
         """Multishot accept ended (the device stopped it): re-arm while serving."""
         if self.active:
-            self._loop._dp.listen(self)
+            self._dp.listen(self)
 
     def _retry(self):
         if self.sock.fileno() >= 0 and self.server is not None and self.server.is_serving():

@@ -1,0 +1,673 @@
+# The DPDK datapath: TCP on the lwIP stack of kbloop_ext.dpdk.stack (a DPDK poll-mode driver
+# underneath), under the same stream transports as the io_uring datapath (docs/dpdk.md).
+#
+# The loop core does not link DPDK or lwIP: it calls the stack module's C functions through
+# the table (kb_dpdk_api) that the module exports in a capsule, so the core loads everywhere.
+# DPDK's EAL starts once per process, so the stack is process-wide: the first loop that asks
+# for it starts it, it stays up until the process exits, and one open loop at a time uses it.
+#
+# Completion model, as the contract says: lwIP's callbacks become events (kb_dpdk.c), and
+# poll() runs one poll step and dispatches them.  Data for a transport that is not reading
+# stays in lwIP's pbufs and is not given back to the receive window (tcp_recved) until it is
+# delivered: back-pressure reaches the peer as a closing window, and nothing is dropped.
+# A send copies the transport's batch into lwIP's send buffer (as a kernel socket does); the
+# transport hears it completed once all of it is in, possibly after acknowledgements made room.
+
+from libc.stdint cimport uint16_t, uintptr_t
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from socket import (SO_TYPE as _SO_TYPE, SO_ERROR as _SO_ERROR, SO_REUSEPORT as _SO_REUSEPORT,
+                    SHUT_WR as _SHUT_WR, SHUT_RDWR as _SHUT_RDWR)
+
+cdef extern from "kb_dpdk.h":
+    struct pbuf:
+        pass
+    ctypedef struct kb_conn:
+        void *owner
+        uint64_t id
+        int listening
+    ctypedef struct kb_event:
+        int kind
+        int err
+        uint32_t len
+        kb_conn *conn
+        kb_conn *listener
+        pbuf *p
+    ctypedef struct kb_dpdk_api:
+        int version
+        int (*poll)()
+        void (*flush)()
+        kb_event *(*events)(size_t *count)
+        void (*events_clear)()
+        kb_conn *(*tcp_listen)(uint32_t ip, uint16_t port, int backlog, int *err)
+        kb_conn *(*tcp_connect)(uint32_t ip, uint16_t port, int *err)
+        long (*tcp_write)(kb_conn *c, const void *data, size_t len, int more)
+        int (*tcp_output)(kb_conn *c)
+        size_t (*tcp_sndbuf)(kb_conn *c)
+        void (*tcp_recved)(kb_conn *c, uint32_t len)
+        int (*tcp_shutdown_write)(kb_conn *c)
+        int (*tcp_close)(kb_conn *c)
+        void (*tcp_abort)(kb_conn *c)
+        void (*conn_release)(kb_conn *c)
+        int (*tcp_addrs)(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip,
+                         uint16_t *rport)
+        void (*tcp_set_nodelay)(kb_conn *c, int on)
+        void (*tcp_set_keepalive)(kb_conn *c, int on)
+        pbuf *(*pbuf_segment)(pbuf *p, const void **payload, size_t *len)
+        void (*pbuf_free)(pbuf *p)
+        const char *(*strerr)(int err)
+    enum:
+        KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR
+        KB_DPDK_API_VERSION
+    const char *KB_DPDK_API_CAPSULE
+
+
+# lwIP's err_t -> errno, so that errors are the OSError subclasses asyncio code expects.
+cdef dict _LWIP_ERRNO = {
+    -1: errno.ENOBUFS, -2: errno.ENOBUFS, -3: errno.ETIMEDOUT, -4: errno.EHOSTUNREACH,
+    -5: errno.EINPROGRESS, -6: errno.EINVAL, -7: errno.EWOULDBLOCK, -8: errno.EADDRINUSE,
+    -9: errno.EALREADY, -10: errno.EISCONN, -11: errno.ENOTCONN, -12: errno.EIO,
+    -13: errno.ECONNABORTED, -14: errno.ECONNRESET, -15: errno.ENOTCONN, -16: errno.EINVAL,
+}
+cdef int LWIP_ERR_ABRT = -13, LWIP_ERR_RST = -14
+
+# Ports that bind(port 0) hands out to listeners: below lwIP's own range for active opens
+# (0xc000 up), so a listener and an outgoing connection never want the same port.
+cdef int EPHEMERAL_LISTEN_FIRST = 32768, EPHEMERAL_LISTEN_LAST = 49151
+
+# Deferred completions, run at the end of poll(): never from inside the transport's own call.
+cdef int LATER_DRAIN = 1, LATER_RECV_DONE = 2, LATER_SENT = 3, LATER_SEND_ERROR = 4
+
+
+cdef object _lwip_oserror(int err, bint connecting):
+    cdef int code
+    if connecting and err == LWIP_ERR_RST:
+        code = errno.ECONNREFUSED
+    elif err == LWIP_ERR_ABRT:
+        # lwIP aborts a connection itself only when its retransmissions, SYN retries or
+        # keep-alive probes gave up: what Linux reports as ETIMEDOUT.
+        code = errno.ETIMEDOUT
+    else:
+        code = _LWIP_ERRNO.get(err, errno.EIO)
+    return OSError(code, os.strerror(code))
+
+
+cdef uint32_t _ip4_be(str address) except? 0:
+    """A dotted IPv4 address as lwIP keeps it (network byte order in memory)."""
+    try:
+        return struct_unpack('=I', inet_pton(AF_INET, address))[0]
+    except OSError:
+        raise OSError(errno.EINVAL, f'not an IPv4 address: {address!r}') from None
+
+
+cdef str _ip4_str(uint32_t address):
+    return inet_ntop(AF_INET, struct_pack('=I', address))
+
+
+cdef class StackSocket:
+    """A stand-in for socket.socket over a TCP connection or listener of the DPDK datapath's
+    user-space stack: what transport.get_extra_info('socket') and Server.sockets show.
+
+    It answers what asyncio code asks of a socket (family, type, proto, getsockname,
+    getpeername, TCP_NODELAY, SO_KEEPALIVE) but has no file descriptor: fileno() is a negative
+    number, unique in the process, that keys the loop's tables and that no system call takes.
+    Operations that need a kernel socket (loop.sock_*, sendfile's zero-copy path) are refused
+    or fall back (docs/dpdk.md)."""
+    cdef:
+        DpdkDatapath dp
+        kb_conn *c
+        readonly int family, type, proto
+        int _fileno
+        object _local, _peer
+        bint _listening, _nodelay, _keepalive
+        object owner_obj         # the Listener or StreamCore that its events go to
+        list rx                  # received pbufs (addresses) not delivered yet
+        bint rx_eof              # the peer's FIN, not delivered yet
+        object rx_error          # an error that came before a transport was attached
+        object connect_fut
+        list out                 # the send batch being copied into lwIP
+        Py_ssize_t out_i, out_off, out_total
+
+    def __cinit__(self):
+        self.family = AF_INET
+        self.type = SOCK_STREAM
+        self.proto = IPPROTO_TCP
+        self.rx = []
+
+    def __repr__(self):
+        state = 'closed' if self.dp is None else ('listening' if self._listening else 'open')
+        return (f'<kbloop.StackSocket {state} fd={self._fileno} laddr={self._local} '
+                f'raddr={self._peer} (DPDK)>')
+
+    cdef _attach_conn(self, kb_conn *c):
+        self.c = c
+        c.owner = <void *>self
+        self.dp.socks[self._fileno] = self
+        cdef uint32_t lip, rip
+        cdef uint16_t lport, rport
+        if self.dp.api.tcp_addrs(c, &lip, &lport, &rip, &rport) == 0 and not c.listening:
+            self._local = (_ip4_str(lip), lport)
+            self._peer = (_ip4_str(rip), rport)
+
+    # -- what asyncio and applications ask of a socket -------------------------------------
+    def fileno(self):
+        return self._fileno
+
+    def detach(self):
+        return -1
+
+    def getsockname(self):
+        if self._local is None:
+            return ('0.0.0.0', 0)
+        return self._local
+
+    def getpeername(self):
+        if self._peer is None:
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        return self._peer
+
+    def setblocking(self, flag):
+        pass
+
+    def settimeout(self, value):
+        if value:
+            raise ValueError('a DPDK stack socket is non-blocking only')
+
+    def gettimeout(self):
+        return 0.0
+
+    def setsockopt(self, level, option, value, *rest):
+        if level == IPPROTO_TCP and option == TCP_NODELAY:
+            self._nodelay = bool(value)
+            if self.c is not NULL:
+                self.dp.api.tcp_set_nodelay(self.c, self._nodelay)
+        elif level == SOL_SOCKET and option == SO_KEEPALIVE:
+            self._keepalive = bool(value)
+            if self.c is not NULL:
+                self.dp.api.tcp_set_keepalive(self.c, self._keepalive)
+        elif level == SOL_SOCKET and option in (SO_REUSEADDR, _SO_REUSEPORT):
+            pass        # lwIP binds listeners without TIME_WAIT conflicts anyway
+        else:
+            raise OSError(errno.ENOPROTOOPT, f'option {level}/{option} is not supported on '
+                                             f'a DPDK stack socket')
+
+    def getsockopt(self, level, option, buflen=None):
+        if level == IPPROTO_TCP and option == TCP_NODELAY:
+            return int(self._nodelay)
+        if level == SOL_SOCKET and option == SO_KEEPALIVE:
+            return int(self._keepalive)
+        if level == SOL_SOCKET and option == _SO_TYPE:
+            return SOCK_STREAM
+        if level == SOL_SOCKET and option == _SO_ERROR:
+            return 0
+        raise OSError(errno.ENOPROTOOPT, f'option {level}/{option} is not supported on '
+                                         f'a DPDK stack socket')
+
+    def bind(self, address):
+        self.dp._bind(self, address)
+
+    def listen(self, backlog=128):
+        self.dp._listen(self, backlog)
+
+    def shutdown(self, how):
+        if self.c is NULL:
+            return
+        if self._listening:     # stop accepting at once: new SYNs are refused
+            self.dp._close_sock(self)
+        elif how in (_SHUT_WR, _SHUT_RDWR):
+            self.dp.api.tcp_shutdown_write(self.c)
+
+    def close(self):
+        if self.dp is not None:
+            self.dp._close_sock(self)
+
+
+_next_stack_fileno = itertools.count(1)
+
+# The process's stack: (kbloop_ext.dpdk.stack.Stack, its configuration) once started.
+_dpdk_stack = None
+_dpdk_stack_config = None
+_dpdk_stack_user = None     # the open DpdkDatapath using it
+
+
+def _close_dpdk_stack():
+    global _dpdk_stack
+    if _dpdk_stack is not None:
+        _dpdk_stack.close()
+        _dpdk_stack = None
+
+
+cdef class DpdkDatapath(Datapath):
+    """TCP over the process's DPDK port and lwIP stack (docs/dpdk.md).
+
+    eal_args: the EAL's arguments; port: the DPDK port id; ip, netmask, gateway: this stack's
+    IPv4 configuration (dotted strings)."""
+    cdef:
+        kb_dpdk_api *api
+        object stack
+        readonly str ip, netmask, gateway
+        uint32_t ip_be, mask_be, gw_be
+        dict socks               # fileno -> StackSocket with a live lwIP connection
+        set bound_ports
+        list later               # (kind, sock, value) completions for the end of poll()
+        int next_port
+        bint opened
+        uint64_t n_events, n_rx_bytes, n_tx_bytes
+
+    def __init__(self, eal_args, int port, str ip, str netmask, str gateway, BufferPool pool):
+        global _dpdk_stack, _dpdk_stack_config, _dpdk_stack_user
+        self.name = 'dpdk'
+        self.pool = pool
+        self.socks = {}
+        self.bound_ports = set()
+        self.later = []
+        self.next_port = EPHEMERAL_LISTEN_FIRST
+        try:
+            from kbloop_ext.dpdk import stack as stack_module
+        except ImportError as exc:
+            raise BackendUnavailable(f'kbloop was built without DPDK ({exc}); see docs/dpdk.md')
+        config = (tuple(eal_args), port, ip, netmask, gateway)
+        if _dpdk_stack_user is not None:
+            raise BackendUnavailable('the DPDK stack is in use by another open loop: one loop '
+                                     'per process can use it (close that loop first)')
+        if _dpdk_stack is None:
+            try:
+                _dpdk_stack = stack_module.Stack(list(eal_args), port=port, ip=ip,
+                                                 netmask=netmask, gateway=gateway)
+            except stack_module.StackError as exc:
+                raise BackendUnavailable(f'DPDK could not start: {exc}') from None
+            _dpdk_stack_config = config
+            atexit.register(_close_dpdk_stack)
+        elif _dpdk_stack_config != config:
+            raise BackendUnavailable(
+                'DPDK runs once per process and is already started with another configuration '
+                f'({_dpdk_stack_config!r}); start it with {config!r} in a new process')
+        self.api = <kb_dpdk_api *>PyCapsule_GetPointer(stack_module._C_API, KB_DPDK_API_CAPSULE)
+        if self.api.version != KB_DPDK_API_VERSION:
+            raise BackendUnavailable('kbloop_ext.dpdk.stack does not match the loop core: '
+                                     'rebuild kbloop')
+        self.stack = _dpdk_stack
+        self.ip, self.netmask, self.gateway = ip, netmask, gateway
+        self.ip_be, self.mask_be, self.gw_be = _ip4_be(ip), _ip4_be(netmask), _ip4_be(gateway)
+        _dpdk_stack_user = self
+        self.opened = True
+
+    @property
+    def mac(self):
+        return self.stack.mac
+
+    def release(self):
+        """Give the stack up without a loop (its loop could not be made)."""
+        self.close()
+
+    # -- routing: which addresses this stack serves ------------------------------------------
+    cpdef bint serves(self, host):
+        """Whether create_server(host) listens on this stack: the wildcard or its address."""
+        return host is None or host in ('', '0.0.0.0', self.ip)
+
+    cpdef bint reaches(self, str address):
+        """Whether a connection to address goes out through this stack: an IPv4 address on its
+        network, or anywhere but loopback when it has a gateway."""
+        cdef uint32_t a
+        try:
+            a = _ip4_be(address)
+        except OSError:
+            return False
+        if address.startswith('127.') or a == self.ip_be:
+            return False
+        return (a & self.mask_be) == (self.ip_be & self.mask_be) or self.gw_be != 0
+
+    # -- sockets ------------------------------------------------------------------------------
+    cdef StackSocket _new_socket(self):
+        cdef StackSocket s = StackSocket.__new__(StackSocket)
+        s.dp = self
+        s._fileno = -next(_next_stack_fileno)
+        s._nodelay = False
+        return s
+
+    def socket(self):
+        """A new, unconnected stack socket."""
+        self._check_open()
+        return self._new_socket()
+
+    cdef _check_open(self):
+        if not self.opened:
+            raise RuntimeError('the DPDK datapath is closed')
+
+    cdef _bind(self, StackSocket s, address):
+        cdef int port
+        if not isinstance(address, tuple) or len(address) != 2:
+            raise TypeError('AF_INET address must be a pair (host, port)')
+        host, port = address
+        if not self.serves(host):
+            raise OSError(errno.EADDRNOTAVAIL,
+                          f'{host!r} is not this DPDK stack\'s address ({self.ip})')
+        if not 0 <= port <= 65535:
+            raise OverflowError('bind(): port must be 0-65535.')
+        if port == 0:
+            port = self._free_port()
+        elif port in self.bound_ports:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        self.bound_ports.add(port)
+        s._local = ('0.0.0.0' if host in (None, '') else host, port)
+
+    cdef int _free_port(self) except -1:
+        cdef int tries
+        for tries in range(EPHEMERAL_LISTEN_LAST - EPHEMERAL_LISTEN_FIRST + 1):
+            port = self.next_port
+            self.next_port = (EPHEMERAL_LISTEN_FIRST if port == EPHEMERAL_LISTEN_LAST
+                              else port + 1)
+            if port not in self.bound_ports:
+                return port
+        raise OSError(errno.EADDRINUSE, 'no free port left for listeners')
+
+    cdef _listen(self, StackSocket s, int backlog):
+        cdef int err = 0
+        cdef kb_conn *c
+        self._check_open()
+        if s._listening:
+            return
+        if s._local is None:
+            self._bind(s, ('0.0.0.0', 0))
+        host, port = s._local
+        c = self.api.tcp_listen(_ip4_be(host), port, max(1, backlog), &err)
+        if c is NULL:
+            raise _lwip_oserror(err, False)
+        s._listening = True
+        s._attach_conn(c)
+
+    def connect(self, StackSocket s, address):
+        """Start an active open; returns a future resolved when it is established."""
+        cdef int err = 0, port
+        cdef kb_conn *c
+        self._check_open()
+        host, port = address[:2]
+        c = self.api.tcp_connect(_ip4_be(host), port, &err)
+        if c is NULL:
+            raise _lwip_oserror(err, True)
+        s._peer = (host, port)
+        s.connect_fut = self.loop.create_future()
+        s._attach_conn(c)
+        if s._nodelay:
+            self.api.tcp_set_nodelay(c, 1)
+        if s._keepalive:
+            self.api.tcp_set_keepalive(c, 1)
+        return s.connect_fut
+
+    cdef _close_sock(self, StackSocket s):
+        """Close gracefully (FIN; lwIP sends a RST instead when received data was left
+        unread, as Linux does) and give everything back: its pbufs, its port."""
+        cdef kb_conn *c = s.c
+        self._free_rx(s)
+        s.out = None
+        if s.connect_fut is not None:
+            if not s.connect_fut.done():
+                s.connect_fut.cancel()
+            s.connect_fut = None
+        if c is not NULL:
+            s.c = NULL
+            self.api.tcp_close(c)
+            self.api.conn_release(c)
+            self.socks.pop(s._fileno, None)
+        if s._local is not None and (s._listening or s._peer is None):
+            self.bound_ports.discard(s._local[1])
+            s._listening = False
+        s.owner_obj = None
+
+    cdef _free_rx(self, StackSocket s):
+        cdef uintptr_t p
+        for p in s.rx:
+            self.api.pbuf_free(<pbuf *>p)
+        s.rx = []
+
+    # -- the contract: streams -------------------------------------------------------------
+    cdef int attach(self, TransportCore t) except -1:
+        (<StackSocket>t._sock).owner_obj = t
+        return 0
+
+    cdef int listen(self, Listener listener) except -1:
+        (<StackSocket>listener.sock).owner_obj = listener
+        return 0
+
+    cdef int unlisten(self, Listener listener) except -1:
+        (<StackSocket>listener.sock).owner_obj = None
+        return 0
+
+    cdef int recv_start(self, StreamCore t) except -1:
+        cdef StackSocket s = t._sock
+        if s.rx or s.rx_eof or s.rx_error is not None:
+            self.later.append((LATER_DRAIN, s, None))
+        return 0
+
+    cdef int recv_stop(self, TransportCore t) except -1:
+        self.later.append((LATER_RECV_DONE, t._sock, None))
+        return 0
+
+    cdef int send(self, StreamCore t) except -1:
+        cdef StackSocket s = t._sock
+        cdef Py_ssize_t total = 0
+        batch = t.take_batch()
+        for item in batch:
+            total += len(item)
+        s.out = batch
+        s.out_i = s.out_off = 0
+        s.out_total = total
+        self._push(s)
+        return 0
+
+    cdef _push(self, StackSocket s):
+        """Copy as much of the send batch into lwIP as its send buffer takes."""
+        cdef Py_buffer view
+        cdef long n
+        cdef bint full = False
+        cdef list out = s.out
+        cdef Py_ssize_t count = len(out)
+        if s.c is NULL:
+            return
+        while s.out_i < count:
+            PyObject_GetBuffer(out[s.out_i], &view, PyBUF_SIMPLE)
+            try:
+                while s.out_off < view.len:
+                    n = self.api.tcp_write(s.c, <char *>view.buf + s.out_off,
+                                           view.len - s.out_off, s.out_i + 1 < count)
+                    if n < 0:
+                        s.out = None
+                        self.later.append((LATER_SEND_ERROR, s, _lwip_oserror(n, False)))
+                        return
+                    if n == 0:
+                        full = True     # the send buffer is full: acknowledgements make room
+                        break
+                    s.out_off += n
+            finally:
+                PyBuffer_Release(&view)
+            if full:
+                break
+            s.out_i += 1
+            s.out_off = 0
+        self.api.tcp_output(s.c)
+        if s.out_i == count:
+            s.out = None
+            self.n_tx_bytes += s.out_total
+            self.later.append((LATER_SENT, s, s.out_total))
+
+    cdef int shutdown_write(self, StreamCore t) except -1:
+        cdef StackSocket s = t._sock
+        if s.c is not NULL:
+            self.api.tcp_shutdown_write(s.c)
+        return 0
+
+    cdef int close_socket(self, sock) except -1:
+        self._close_sock(<StackSocket>sock)
+        return 0
+
+    # -- the per-iteration step -------------------------------------------------------------
+    cdef int poll(self, int64_t timeout_ns) except -1:
+        """One poll step (this device is polled, never waited on: the loop spins on it)."""
+        cdef size_t count = 0, i = 0
+        cdef kb_event *events
+        cdef kb_event ev
+        if not self.opened:
+            return 0
+        self.api.poll()
+        try:
+            while True:
+                # Re-read the array each time: a call into lwIP may add events (and move it).
+                events = self.api.events(&count)
+                if i >= count:
+                    break
+                ev = events[i]
+                events[i].p = NULL      # a RECV's pbuf is ours now
+                i += 1
+                self._dispatch(&ev)
+        finally:
+            self.api.events_clear()
+            self.n_events += i
+        if self.later:
+            self._run_later()
+        return <int>i
+
+    cdef _dispatch(self, kb_event *ev):
+        cdef StackSocket s, ls
+        cdef StreamCore t
+        cdef int kind = ev.kind
+        if kind == KB_EV_ACCEPT:
+            if ev.listener.owner is NULL:
+                return              # its listener is closed: events_clear aborts the new one
+            ls = <StackSocket>ev.listener.owner
+            s = self._new_socket()
+            s._attach_conn(ev.conn)
+            if ls.owner_obj is None or not (<Listener>ls.owner_obj).active:
+                self._close_sock(s)
+                return
+            (<Listener>ls.owner_obj)._on_accept_socket(s)
+            return
+        if ev.conn.owner is NULL:
+            if ev.p is not NULL:
+                self.api.pbuf_free(ev.p)
+            return
+        s = <StackSocket>ev.conn.owner
+        if kind == KB_EV_RECV:
+            self.n_rx_bytes += ev.len
+            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+            if t is not None and not s.rx and t._recv_armed and not t._recv_stopping:
+                self._deliver(s, t, ev.p)
+            else:
+                s.rx.append(<uintptr_t>ev.p)
+        elif kind == KB_EV_EOF:
+            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+            if t is not None and not s.rx and t._recv_armed and not t._recv_stopping:
+                t._on_eof()
+            else:
+                s.rx_eof = True
+        elif kind == KB_EV_SENT:
+            if s.out is not None:
+                self._push(s)
+        elif kind == KB_EV_CONNECTED:
+            fut = s.connect_fut
+            s.connect_fut = None
+            if fut is not None and not fut.done():
+                if ev.err:
+                    fut.set_exception(_lwip_oserror(ev.err, True))
+                else:
+                    fut.set_result(None)
+        elif kind == KB_EV_ERROR:
+            self._on_conn_error(s, ev.err)
+
+    cdef _on_conn_error(self, StackSocket s, int err):
+        """lwIP has freed the connection (RST, or it gave up retransmitting)."""
+        cdef StreamCore t
+        fut = s.connect_fut
+        s.connect_fut = None
+        exc = _lwip_oserror(err, fut is not None)
+        self._free_rx(s)            # as Linux: a RST discards what was not read yet
+        s.rx_eof = False
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+        if t is None:
+            s.rx_error = exc        # for the transport, when one is attached
+            return
+        if s.out is not None or t._send_inflight:
+            s.out = None
+            t._on_send_error(exc.errno, None)
+        else:
+            t._on_recv_error(exc.errno)
+
+    cdef _deliver(self, StackSocket s, StreamCore t, pbuf *p):
+        """Hand a received pbuf chain to the transport, then give its room back to the
+        window.  _on_data lends the memory for the call only."""
+        cdef pbuf *q = p
+        cdef const void *payload
+        cdef size_t n, total = 0
+        try:
+            while q is not NULL:
+                q = self.api.pbuf_segment(q, &payload, &n)
+                total += n
+                t._on_data(<const char *>payload, n)
+        finally:
+            if s.c is not NULL:
+                self.api.tcp_recved(s.c, total)
+            self.api.pbuf_free(p)
+
+    cdef _run_later(self):
+        cdef list todo
+        cdef StackSocket s
+        cdef StreamCore t
+        cdef int kind
+        cdef uintptr_t p
+        while self.later:
+            todo = self.later
+            self.later = []
+            for kind, s, value in todo:
+                t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+                if t is None:
+                    continue
+                if kind == LATER_SENT:
+                    t._on_sent(value, None)
+                elif kind == LATER_SEND_ERROR:
+                    t._on_send_error(value.errno, None)
+                elif kind == LATER_RECV_DONE:
+                    t._on_recv_done()
+                elif kind == LATER_DRAIN:
+                    while s.rx and t._recv_armed and not t._recv_stopping:
+                        p = s.rx.pop(0)
+                        self._deliver(s, t, <pbuf *>p)
+                    if s.rx or not t._recv_armed or t._recv_stopping:
+                        continue
+                    if s.rx_error is not None:
+                        exc = s.rx_error
+                        s.rx_error = None
+                        t._on_recv_error(exc.errno)
+                    elif s.rx_eof:
+                        s.rx_eof = False
+                        t._on_eof()
+
+    cdef void close(self):
+        """Abort what this loop left open and hand the stack over to the next loop (the stack
+        itself stays up until the process exits: the EAL cannot start twice)."""
+        global _dpdk_stack_user
+        cdef StackSocket s
+        if not self.opened:
+            return
+        for s in list(self.socks.values()):
+            if s.c is not NULL:
+                self.api.tcp_abort(s.c)
+            self._close_sock(s)
+        self.later = []
+        try:
+            self.api.poll()         # the RSTs go out now
+            self.api.events_clear()
+        except BaseException:
+            pass
+        self.opened = False
+        if _dpdk_stack_user is self:
+            _dpdk_stack_user = None
+
+    cdef dict stats(self):
+        d = dict(self.stack.stats())
+        d['events'] = self.n_events
+        d['socket_rx_bytes'] = self.n_rx_bytes
+        d['socket_tx_bytes'] = self.n_tx_bytes
+        d['sockets'] = len(self.socks)
+        return d
