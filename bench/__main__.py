@@ -10,6 +10,7 @@ SQPOLL) with uvloop instead.  Method: bench/README.md.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -21,9 +22,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from . import report
-from .runner import (LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, machine_info,
-                     measure, noisy, wait_until_quiet)
+from . import report, runner
+from .runner import (LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, link_of,
+                     machine_info, measure, noisy, supports, wait_until_quiet)
 from .scenarios import MODES, OPEN_LOAD_FRACTION
 
 
@@ -44,6 +45,9 @@ def parse_args(argv=None):
                       help="every combination, about 30 minutes; writes bench/results/LATEST.md")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="every kind of scenario once, tiny: checks the machinery (seconds)")
+    mode.add_argument("--dpdk", dest="mode", action="store_const", const="dpdk",
+                      help="the DPDK datapath: over a veth pair, DPDK vs io_uring vs uvloop; "
+                           "over memif, DPDK vs uvloop on loopback (root; ~5 min)")
     mode.add_argument("--modes", dest="mode", action="store_const", const="modes",
                       help="kbloop's reactor modes vs uvloop: c1 latency, c32 throughput, CPU "
                            "per request, about 7 minutes; writes bench/results/MODES.md")
@@ -140,7 +144,7 @@ def run_rounds(args, loops, scenarios):
             for loop in order:
                 done += 1
                 progress(f"[{done}/{total}] {label}  {sc.name:<22} {loop:<13}")
-                if loop in broken:
+                if loop in broken or not supports(loop, sc):
                     continue
                 try:
                     res = measure(loop, sc, args.seconds, rate, args.warmup_s)
@@ -194,8 +198,27 @@ def profile(args, loops, scenarios):
                         if line.strip() and not line.startswith("#")))
 
 
+@contextlib.contextmanager
+def veth_link(loops):
+    """The veth pair of the veth loops (runner.NET) for the whole run, if any loop needs it:
+    the network namespaces of tests/netns.py, plus the kernel loops' address on vA."""
+    if not any(link_of(loop) == "veth" for loop in loops):
+        yield
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    import netns
+    with netns.VethPair() as net:
+        netns.sh("ip", "-n", net.ns_a, "addr", "add", f"{runner.KERNEL_VETH_IP}/{net.prefix}",
+                 "dev", net.if_a)
+        runner.NET = net
+        try:
+            yield
+        finally:
+            runner.NET = None
+
+
 # The modes whose complete runs also write a fixed-name copy of their report.
-LATEST = {"full": "LATEST.md", "modes": "MODES.md"}
+LATEST = {"full": "LATEST.md", "modes": "MODES.md", "dpdk": "DPDK.md"}
 
 
 def write_reports(rows, meta, stem, plots=True, latest=None):
@@ -211,9 +234,10 @@ def write_reports(rows, meta, stem, plots=True, latest=None):
           "request; server/gen CPU = share of a core; GEN-BOUND = load generator may be the limit.")
     modes = report.modes_table(rows)
     if modes:
-        print("\nReactor modes vs uvloop (same run):\n")
+        dpdk = meta["mode"] == "dpdk"
+        print(f"\n{'The DPDK datapath' if dpdk else 'Reactor modes'} vs uvloop (same run):\n")
         print(modes)
-        print("\n" + textwrap.fill(report.MODES_NOTE, 100))
+        print("\n" + textwrap.fill(report.DPDK_NOTE if dpdk else report.MODES_NOTE, 100))
     print("\nTargets (kbloop vs uvloop):")
     print(report.targets_text(targets))
     for w in meta["warnings"]:
@@ -256,10 +280,12 @@ def main(argv=None):
         sys.exit("nothing to run")
     build_echo_load()
     if args.profile:
-        return profile(args, loops, scenarios)
+        with veth_link(loops):
+            return profile(args, loops, scenarios)
 
     started = time.monotonic()
-    samples, broken = run_rounds(args, loops, scenarios)
+    with veth_link(loops):
+        samples, broken = run_rounds(args, loops, scenarios)
     duration = time.monotonic() - started
     progress(f"done in {duration:.0f} s\n", final=True)
 

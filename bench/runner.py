@@ -34,6 +34,22 @@ UVLOOP_SHIM = (
 )
 SERVER_CPU, LOAD_CPU = 0, 1
 
+# Links (bench/README.md, "The DPDK datapath"): where a loop's server runs and how load reaches
+# it.  "loopback": both on 127.0.0.1 (the default).  "veth": the server in namespace A of a
+# veth pair (tests/netns.py) and the load generator in namespace B, through the kernel's veth
+# driver; kernel loops listen on KERNEL_VETH_IP on vA, the DPDK stack answers for DPDK_VETH_IP
+# on the same vA (af_packet PMD).  "memif": a DPDK server and a DPDK load generator
+# (bench/dpdk_echo_load.py) joined by net_memif shared memory, no kernel in the path.
+NET = None                       # the VethPair while a run has veth loops (bench/__main__.py)
+KERNEL_VETH_IP, DPDK_VETH_IP = "10.200.0.3", "10.200.0.1"
+MEMIF_SERVER_IP, MEMIF_CLIENT_IP = "10.201.0.1", "10.201.0.2"
+MEMIF_SOCK = f"/tmp/kbloop-bench-memif-{os.getpid()}.sock"
+DPDK_ARGV = ["-m", "kbloop", "--backend", "dpdk"]
+
+
+DPDK_PROBE = ("import os; from kbloop_ext import dpdk; ok, why = dpdk.available();"
+              "assert ok, why; assert os.geteuid() == 0, 'DPDK on veth/memif needs root'")
+
 
 def kbloop_probe(mode="default"):
     # new_event_loop() falls back to asyncio when io_uring (or the mode) is unusable.
@@ -59,9 +75,36 @@ LOOPS = {
     "kbloop-sqpoll": {"argv": ["-m", "kbloop"], "module": "kbloop",
                       "env": {"KBLOOP_SQPOLL": "1", "KBLOOP_SQ_CPU": str(SERVER_CPU)},
                       "probe": kbloop_probe("sqpoll")},
+    # The DPDK datapath (issue 6, `--dpdk`): "vs" names the loop each one is compared with.
+    "uvloop-veth": {"argv": ["-c", UVLOOP_SHIM], "module": "uvloop.", "probe": "import uvloop",
+                    "link": "veth", "vs": "uvloop-veth"},
+    "kbloop-veth": {"argv": ["-m", "kbloop"], "module": "kbloop", "probe": kbloop_probe(),
+                    "link": "veth", "vs": "uvloop-veth"},
+    "kbloop-dpdk": {"argv": DPDK_ARGV + ["--dpdk-vdev", "net_af_packet0,iface=vA",
+                                         "--ip", f"{DPDK_VETH_IP}/24"],
+                    "module": "kbloop", "probe": DPDK_PROBE, "link": "veth",
+                    "host": "0.0.0.0", "target": DPDK_VETH_IP, "vs": "uvloop-veth"},
+    "kbloop-memif": {"argv": DPDK_ARGV + [
+                         "--dpdk-vdev", f"net_memif0,role=server,socket={MEMIF_SOCK},"
+                                        "mac=02:00:00:00:00:01", "--ip", f"{MEMIF_SERVER_IP}/24"],
+                     "module": "kbloop", "probe": DPDK_PROBE, "link": "memif",
+                     "host": "0.0.0.0", "target": MEMIF_SERVER_IP, "vs": "uvloop"},
 }
 # The loops of `python -m bench --modes`, compared with uvloop in the same run.
 MODE_LOOPS = ["uvloop", "kbloop", "kbloop-busy", "kbloop-sqpoll"]
+# The loops of `python -m bench --dpdk`: over the veth link, uvloop and kbloop on the kernel
+# and kbloop on DPDK; over memif, kbloop on DPDK against uvloop on loopback.
+DPDK_LOOPS = ["uvloop-veth", "kbloop-veth", "kbloop-dpdk", "uvloop", "kbloop-memif"]
+
+
+def link_of(loop):
+    return LOOPS[loop].get("link", "loopback")
+
+
+def supports(loop, sc):
+    """Can this loop's link run the scenario?  Over memif the only load generator is the
+    closed-loop echo one on the DPDK stack (no wrk, redis-benchmark or open loop there)."""
+    return link_of(loop) != "memif" or (sc.kind == "echo" and not sc.open_of)
 
 
 def loop_env(loop):
@@ -111,8 +154,15 @@ class Server:
 
     def __init__(self, loop, server):
         self.stderr = tempfile.TemporaryFile()
+        self.link = link_of(loop)
+        host = LOOPS[loop].get("host") or (KERNEL_VETH_IP if self.link == "veth" else HOST)
+        self.target = LOOPS[loop].get("target", host)   # where the load generator connects
         argv = [sys.executable, *LOOPS[loop]["argv"], *SERVERS[server],
-                "--host", HOST, "--port", "0"]
+                "--host", host, "--port", "0"]
+        if self.link == "veth":
+            argv = NET.cmd_a(*argv)
+        elif self.link == "memif" and os.path.exists(MEMIF_SOCK):
+            os.unlink(MEMIF_SOCK)
         self.proc = subprocess.Popen(
             argv, cwd=REPO, env=loop_env(loop), stdout=subprocess.PIPE, stderr=self.stderr,
             preexec_fn=pin(SERVER_CPU),
@@ -164,29 +214,39 @@ class Server:
 # ---------------------------------------------------------------- load generators
 # Each returns a dict with at least: requests, rps, p50_us, p99_us, errors.
 
-def echo_load_argv(sc, port, seconds, rate=None):
-    argv = [str(build_echo_load()), "-H", HOST, "-p", str(port), "-c", str(sc.conns),
-            "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
+def echo_load_argv(sc, server, seconds, rate=None):
+    if server.link == "memif":
+        if rate:
+            raise RuntimeError("no open-loop load generator over memif")
+        return [sys.executable, str(REPO / "bench" / "dpdk_echo_load.py"), "--vdev",
+                f"net_memif0,role=client,socket={MEMIF_SOCK},mac=02:00:00:00:00:02",
+                "--ip", MEMIF_CLIENT_IP, "-H", server.target, "-p", str(server.port),
+                "-c", str(sc.conns), "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
+    argv = [str(build_echo_load()), "-H", server.target, "-p", str(server.port),
+            "-c", str(sc.conns), "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
     return argv + (["-r", f"{rate:.0f}"] if rate else [])
 
 
-def run_tool(argv, timeout):
+def run_tool(argv, timeout, server=None):
+    """A load generator pinned to its CPU (in namespace B for a veth server)."""
+    if server is not None and server.link == "veth":
+        argv = NET.cmd_b(*argv)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=pin(LOAD_CPU))
 
 
-def run_echo(sc, port, seconds, rate=None):
-    out = run_tool(echo_load_argv(sc, port, seconds, rate), seconds + 60)
+def run_echo(sc, server, seconds, rate=None):
+    out = run_tool(echo_load_argv(sc, server, seconds, rate), seconds + 60, server)
     try:
         return json.loads(out.stdout)
     except ValueError:
         raise RuntimeError(f"echo_load failed: {out.stdout}{out.stderr}") from None
 
 
-def run_wrk(sc, port, seconds):
+def run_wrk(sc, server, seconds):
     argv = ["wrk", "-t1", f"-c{sc.conns}", f"-d{max(1, math.ceil(seconds))}s", "--latency",
-            f"http://{HOST}:{port}/"]
-    out = run_tool(argv, seconds + 60)
+            f"http://{server.target}:{server.port}/"]
+    out = run_tool(argv, seconds + 60, server)
     return parse_wrk(out.stdout + out.stderr)
 
 
@@ -217,11 +277,11 @@ def parse_wrk(text):
 REDIS_TESTS = "ping,set,get,incr"
 
 
-def run_redis(sc, port, requests):
+def run_redis(sc, server, requests):
     """redis-benchmark, fixed -n per command; one row per command in its CSV."""
-    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-c", str(sc.conns),
+    argv = ["redis-benchmark", "-h", server.target, "-p", str(server.port), "-c", str(sc.conns),
             "-n", str(requests), "-P", str(sc.pipeline), "-t", REDIS_TESTS, "--csv"]
-    out = run_tool(argv, 600)
+    out = run_tool(argv, 600, server)
     res = parse_redis_csv(out.stdout, requests)
     # redis-benchmark stops with status 1 on an error reply ("Error from server").
     res["errors"] += out.returncode != 0 or "error" in out.stderr.lower()
@@ -253,14 +313,14 @@ def parse_redis_csv(text, requests_per_test):
     }
 
 
-def run_load(sc, port, seconds, rate=None, warmup=False):
-    """One run of the scenario's load generator against the server at port."""
+def run_load(sc, server, seconds, rate=None, warmup=False):
+    """One run of the scenario's load generator against the server."""
     if sc.kind == "echo":
-        return run_echo(sc, port, seconds, rate)
+        return run_echo(sc, server, seconds, rate)
     if sc.kind == "http":
-        return run_wrk(sc, port, seconds)
+        return run_wrk(sc, server, seconds)
     if sc.kind == "redis":
-        return run_redis(sc, port, max(1000, sc.requests // 10) if warmup else sc.requests)
+        return run_redis(sc, server, max(1000, sc.requests // 10) if warmup else sc.requests)
     raise ValueError(sc.kind)
 
 
@@ -305,14 +365,14 @@ def measure(loop, sc, seconds, rate=None, warmup_s=0.5, profile_to=None):
     server = Server(loop, sc.server)
     try:
         if warmup_s:
-            run_load(sc, server.port, warmup_s, rate, warmup=True)
+            run_load(sc, server, warmup_s, rate, warmup=True)
         cpu0, busy0, load0 = server.cpu_seconds(), machine_busy_seconds(), children_cpu_seconds()
         wall0 = time.monotonic()
         if profile_to:
             with Perf(server.proc.pid, profile_to):
-                res = run_load(sc, server.port, seconds, rate)
+                res = run_load(sc, server, seconds, rate)
         else:
-            res = run_load(sc, server.port, seconds, rate)
+            res = run_load(sc, server, seconds, rate)
         wall = time.monotonic() - wall0
         cpu = server.cpu_seconds() - cpu0
         gen = children_cpu_seconds() - load0

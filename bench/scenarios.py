@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .runner import LOOPS, MODE_LOOPS
+from .runner import DPDK_LOOPS, LOOPS, MODE_LOOPS
 
 SIZES = {64: "64B", 1024: "1KiB", 16384: "16KiB", 102400: "100KiB"}
 OPEN_LOAD_FRACTION = 0.7  # open-loop rate: this fraction of the slowest loop's closed-loop rps
@@ -88,6 +88,13 @@ def modes():
             open_loop(p64c32)]
 
 
+def dpdk():
+    """The DPDK datapath (issue 6): round trip at c1, throughput and CPU per request at c32
+    and with bigger messages, and HTTP (veth only: no wrk over memif)."""
+    return [echo("proto", 64, 1), echo("proto", 1024, 1), echo("proto", 1024, 32),
+            echo("proto", 16384, 8), echo("streams", 1024, 32), http("httptools", 64)]
+
+
 BASE_LOOPS = ["asyncio", "uvloop", "kbloop"]
 
 # mode: scenarios, default loops, measured rounds, seconds per run, per-run warm-up
@@ -103,4 +110,6 @@ MODES = {
     # More rounds than quick/full: c1 latency percentiles move more between runs.
     "modes": dict(scenarios=modes, loops=MODE_LOOPS, rounds=7, seconds=2.0, warmup_s=0.5,
                   warmup_rounds=1, noisy_retries=3),
+    "dpdk": dict(scenarios=dpdk, loops=DPDK_LOOPS, rounds=3, seconds=2.0, warmup_s=0.5,
+                 warmup_rounds=1, noisy_retries=2),
 }

@@ -75,6 +75,7 @@ cdef int LWIP_ERR_ABRT = -13, LWIP_ERR_RST = -14
 cdef int EPHEMERAL_LISTEN_FIRST = 32768, EPHEMERAL_LISTEN_LAST = 49151
 
 # Deferred completions, run at the end of poll(): never from inside the transport's own call.
+cdef size_t DELIVER_MAX = 256 * 1024   # bytes per data_received() call, as asyncio reads
 cdef int LATER_DRAIN = 1, LATER_RECV_DONE = 2, LATER_SENT = 3, LATER_SEND_ERROR = 4
 
 
@@ -122,6 +123,7 @@ cdef class StackSocket:
         object owner_obj         # the Listener or StreamCore that its events go to
         list rx                  # received pbufs (addresses) not delivered yet
         bint rx_eof              # the peer's FIN, not delivered yet
+        bint rx_marked           # on the datapath's list to deliver after this poll's events
         object rx_error          # an error that came before a transport was attached
         object connect_fut
         list out                 # the send batch being copied into lwIP
@@ -249,6 +251,7 @@ cdef class DpdkDatapath(Datapath):
         dict socks               # fileno -> StackSocket with a live lwIP connection
         set bound_ports
         list later               # (kind, sock, value) completions for the end of poll()
+        list rx_ready            # sockets that received something in this poll
         int next_port
         bint opened
         uint64_t n_events, n_rx_bytes, n_tx_bytes
@@ -260,6 +263,7 @@ cdef class DpdkDatapath(Datapath):
         self.socks = {}
         self.bound_ports = set()
         self.later = []
+        self.rx_ready = []
         self.next_port = EPHEMERAL_LISTEN_FIRST
         try:
             from kbloop_ext.dpdk import stack as stack_module
@@ -521,6 +525,12 @@ cdef class DpdkDatapath(Datapath):
         finally:
             self.api.events_clear()
             self.n_events += i
+        if self.rx_ready:
+            ready = self.rx_ready
+            self.rx_ready = []
+            for s in ready:
+                (<StackSocket>s).rx_marked = False
+                self._drain(s)
         if self.later:
             self._run_later()
         return <int>i
@@ -545,19 +555,17 @@ cdef class DpdkDatapath(Datapath):
                 self.api.pbuf_free(ev.p)
             return
         s = <StackSocket>ev.conn.owner
-        if kind == KB_EV_RECV:
-            self.n_rx_bytes += ev.len
-            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-            if t is not None and not s.rx and t._recv_armed and not t._recv_stopping:
-                self._deliver(s, t, ev.p)
-            else:
+        if kind == KB_EV_RECV or kind == KB_EV_EOF:
+            # Kept until this poll's events are all in: a connection's segments of one poll
+            # reach the protocol in one data_received() call, not one per segment.
+            if kind == KB_EV_RECV:
+                self.n_rx_bytes += ev.len
                 s.rx.append(<uintptr_t>ev.p)
-        elif kind == KB_EV_EOF:
-            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-            if t is not None and not s.rx and t._recv_armed and not t._recv_stopping:
-                t._on_eof()
             else:
                 s.rx_eof = True
+            if not s.rx_marked:
+                s.rx_marked = True
+                self.rx_ready.append(s)
         elif kind == KB_EV_SENT:
             if s.out is not None:
                 self._push(s)
@@ -594,28 +602,72 @@ cdef class DpdkDatapath(Datapath):
         else:
             t._on_recv_error(exc.errno)
 
-    cdef _deliver(self, StackSocket s, StreamCore t, pbuf *p):
-        """Hand a received pbuf chain to the transport, then give its room back to the
-        window.  _on_data lends the memory for the call only."""
-        cdef pbuf *q = p
+    cdef _drain(self, StackSocket s):
+        """Deliver what s holds if its transport is reading: its data in one call (up to
+        DELIVER_MAX bytes at a time), then the peer's FIN or an error that came meanwhile."""
+        cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+        if t is None:
+            return
+        while s.rx and t._recv_armed and not t._recv_stopping:
+            self._deliver(s, t)
+        if s.rx or not t._recv_armed or t._recv_stopping:
+            return
+        if s.rx_error is not None:
+            exc = s.rx_error
+            s.rx_error = None
+            t._on_recv_error(exc.errno)
+        elif s.rx_eof:
+            s.rx_eof = False
+            t._on_eof()
+
+    cdef _deliver(self, StackSocket s, StreamCore t):
+        """Hand received pbufs to the transport, then give their room back to lwIP's window.
+        One pbuf of one piece is lent as it is (_on_data copies it once, into the bytes the
+        protocol gets); several are gathered into one bytes object, the same single copy."""
+        cdef pbuf *p
+        cdef pbuf *q
         cdef const void *payload
-        cdef size_t n, total = 0
-        try:
+        cdef size_t n, total = 0, off = 0
+        cdef Py_ssize_t i, count = 0
+        cdef bytes data
+        cdef char *dst
+        for i in range(len(s.rx)):
+            p = <pbuf *><uintptr_t>s.rx[i]
+            n = 0
+            q = p
             while q is not NULL:
                 q = self.api.pbuf_segment(q, &payload, &n)
                 total += n
+            count += 1
+            if total >= DELIVER_MAX:
+                break
+        taken = s.rx[:count]
+        del s.rx[:count]
+        try:
+            p = <pbuf *><uintptr_t>taken[0]
+            if count == 1 and self.api.pbuf_segment(p, &payload, &n) is NULL:
                 t._on_data(<const char *>payload, n)
+            else:
+                data = PyBytes_FromStringAndSize(NULL, total)
+                dst = PyBytes_AS_STRING(data)
+                for item in taken:
+                    q = <pbuf *><uintptr_t>item
+                    while q is not NULL:
+                        q = self.api.pbuf_segment(q, &payload, &n)
+                        memcpy(dst + off, payload, n)
+                        off += n
+                t._on_bytes(data)
         finally:
+            for item in taken:
+                self.api.pbuf_free(<pbuf *><uintptr_t>item)
             if s.c is not NULL:
                 self.api.tcp_recved(s.c, total)
-            self.api.pbuf_free(p)
 
     cdef _run_later(self):
         cdef list todo
         cdef StackSocket s
         cdef StreamCore t
         cdef int kind
-        cdef uintptr_t p
         while self.later:
             todo = self.later
             self.later = []
@@ -630,18 +682,7 @@ cdef class DpdkDatapath(Datapath):
                 elif kind == LATER_RECV_DONE:
                     t._on_recv_done()
                 elif kind == LATER_DRAIN:
-                    while s.rx and t._recv_armed and not t._recv_stopping:
-                        p = s.rx.pop(0)
-                        self._deliver(s, t, <pbuf *>p)
-                    if s.rx or not t._recv_armed or t._recv_stopping:
-                        continue
-                    if s.rx_error is not None:
-                        exc = s.rx_error
-                        s.rx_error = None
-                        t._on_recv_error(exc.errno)
-                    elif s.rx_eof:
-                        s.rx_eof = False
-                        t._on_eof()
+                    self._drain(s)
 
     cdef void close(self):
         """Abort what this loop left open and hand the stack over to the next loop (the stack

@@ -104,6 +104,25 @@ cdef class StreamCore(TransportCore):
         except BaseException as exc:
             self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
 
+    cdef void _on_bytes(self, bytes data) except *:
+        """As _on_data, for a device that already gathered the data into a bytes object."""
+        if self._closing or self._called_lost:
+            return
+        if self._paused_reading or self._stash:
+            self._stash.append(data)
+            return
+        try:
+            if self._is_buffered:
+                self._feed_buffered(PyBytes_AS_STRING(data), len(data))
+            elif self._zero_copy:
+                self._buffer_received(data)
+            else:
+                self._data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+
     cdef _feed_buffered(self, const char *ptr, Py_ssize_t n):
         cdef Py_buffer view
         cdef Py_ssize_t m
