@@ -53,6 +53,10 @@ cdef class Datapath:
     cdef void close(self):
         pass
 
+    cdef bint has_submissions(self):
+        """Operations queued and not submitted yet (poll(0) would submit them)."""
+        return False
+
     # -- streams ------------------------------------------------------------------------
     cdef int listen(self, Listener listener) except -1:
         raise NotImplementedError

@@ -8,7 +8,8 @@
 # asyncio unchanged, so they behave exactly as asyncio's do.
 
 cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
-cdef int URING_PEEK_ROUNDS = 32     # stack polls per look at the io_uring datapath
+cdef int STACK_CLOCK_ROUNDS = 32    # stack polls per look at the clock
+cdef double URING_PEEK_INTERVAL = 50e-6   # with a stack: how often the io_uring datapath is polled
 _CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
 # Set in each kbloop worker process (kbloop.workers): unmodified servers share their port.
 _WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
@@ -60,6 +61,7 @@ cdef class _CoreLoop:
         readonly Datapath _dp
         readonly Datapath _net   # a user-space network stack (DPDK) beside _dp, or None
         uint64_t _iterations
+        double _next_uring_peek  # with a user-space stack: when to poll io_uring next
 
     def __cinit__(self):
         self._closed = True     # until __init__ has a datapath (asyncio's __del__ checks it)
@@ -322,23 +324,27 @@ cdef class _CoreLoop:
 
     cdef int _poll_with_stack(self, int64_t timeout_ns, double deadline) except -1:
         """With a user-space stack the loop never sleeps: that device is polled, not woken.
-        Spin on it, and look at the io_uring datapath (kernel I/O, timers' wake-ups, signals)
-        every URING_PEEK_ROUNDS rounds, until there is work or the deadline passes."""
+        Spin on it until there is work or the deadline passes.  The io_uring datapath (kernel
+        I/O, wake-ups from other threads, signals) is polled at once when it has submissions
+        queued, else every URING_PEEK_INTERVAL: a system call per stack poll would cost more
+        than the stack's own work."""
         cdef Py_ssize_t rounds = 0
+        cdef double now
         while True:
             self._net.poll(0)
-            if rounds % URING_PEEK_ROUNDS == 0:
-                self._dp.poll(0)
+            if rounds % STACK_CLOCK_ROUNDS == 0:
+                now = _monotonic()
+                if now >= self._next_uring_peek or self._dp.has_submissions():
+                    self._dp.poll(0)
+                    self._next_uring_peek = now + URING_PEEK_INTERVAL
+                if rounds and PyErr_CheckSignals() < 0:
+                    return -1
+                if timeout_ns > 0 and now >= deadline:
+                    return 0
             rounds += 1
             if (timeout_ns == 0 or self._ready or self._flush_queue or self._rearm_watches
                     or self._stopping):
                 return 0
-            if rounds % URING_PEEK_ROUNDS == 0:
-                if timeout_ns > 0 and _monotonic() >= deadline:
-                    self._dp.poll(0)
-                    return 0
-                if PyErr_CheckSignals() < 0:
-                    return -1
 
     cdef Datapath _datapath_of(self, sock):
         """The datapath that carries sock: the stack's for its stand-in sockets, else the

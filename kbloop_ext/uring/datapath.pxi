@@ -542,6 +542,9 @@ cdef class UringDatapath(Datapath):
             self.n_cancel_enters += 1
 
     # -- the per-iteration step -----------------------------------------------------------
+    cdef bint has_submissions(self):
+        return io_uring_sq_ready(&self.r.ring) > 0 or len(self.parked) > 0
+
     cdef int poll(self, int64_t timeout_ns) except -1:
         cdef int ret
         cdef int64_t spin
