@@ -24,6 +24,8 @@ def main():
     p.add_argument("-s", dest="size", type=int, default=1024)
     p.add_argument("-d", dest="seconds", type=float, default=3.0)
     p.add_argument("-w", dest="warmup", type=float, default=0.5)
+    p.add_argument("--linger", action="store_true",
+                   help="after the JSON line, keep the link up until stdin closes (see below)")
     a = p.parse_args()
     from kbloop_ext.dpdk.stack import Stack
     cpu = a.cpu if a.cpu is not None else min(os.sched_getaffinity(0))
@@ -39,15 +41,21 @@ def main():
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         res = stack.echo_load(a.host, a.port, a.conns, a.size, a.seconds, a.warmup)
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    print(json.dumps({
-        "mode": "closed", "requests": res["requests"], "rps": round(res["rps"], 1),
-        "p50_us": round(res["p50_us"], 1), "p90_us": round(res["p90_us"], 1),
-        "p99_us": round(res["p99_us"], 1), "errors": res["errors"],
-        # the generator busy-polls: it always uses its whole core
-        "gen_cpu_pct": round(100 * cpu_s / (a.seconds + a.warmup), 1),
-        "connections": a.conns, "msg_size": a.size, "elapsed_s": round(res["seconds"], 3),
-    }), flush=True)
+        cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        print(json.dumps({
+            "mode": "closed", "requests": res["requests"], "rps": round(res["rps"], 1),
+            "p50_us": round(res["p50_us"], 1), "p90_us": round(res["p90_us"], 1),
+            "p99_us": round(res["p99_us"], 1), "errors": res["errors"],
+            # the generator busy-polls: it always uses its whole core
+            "gen_cpu_pct": round(100 * cpu_s / (a.seconds + a.warmup), 1),
+            "connections": a.conns, "msg_size": a.size, "elapsed_s": round(res["seconds"], 3),
+        }), flush=True)
+        if a.linger:
+            # DPDK 22.11's memif frees a departed peer's shared memory from its interrupt
+            # thread while the data path may be in a burst (docs/dpdk.md, known problems): a
+            # server that busy-polls can crash when its peer leaves first.  So the generator
+            # stays connected, idle, until the bench has stopped the server.
+            sys.stdin.read()
     return 0 if res["errors"] == 0 and res["requests"] > 0 else 3
 
 

@@ -159,6 +159,7 @@ class Server:
         self.target = LOOPS[loop].get("target", host)   # where the load generator connects
         argv = [sys.executable, *LOOPS[loop]["argv"], *SERVERS[server],
                 "--host", host, "--port", "0"]
+        self.peers = []     # memif load generators that stay connected until the server stops
         if self.link == "veth":
             argv = NET.cmd_a(*argv)
         elif self.link == "memif" and os.path.exists(MEMIF_SOCK):
@@ -208,20 +209,46 @@ class Server:
             self.proc.kill()
             rc = self.proc.wait()
         self.proc.stdout.close()
+        for peer in self.peers:     # now they may go (their stdin closes)
+            peer.stdin.close()
+            try:
+                peer.wait(30)
+            except subprocess.TimeoutExpired:
+                peer.kill()
+                peer.wait()
+        self.peers = []
         return rc
 
 
 # ---------------------------------------------------------------- load generators
 # Each returns a dict with at least: requests, rps, p50_us, p99_us, errors.
 
+def run_memif_echo(sc, server, seconds, rate, warmup_s):
+    """The DPDK load generator over memif: its warm-up is part of its one run (a second
+    generator would reconnect the link), and it stays connected until the server has
+    stopped (Server.stop): see bench/dpdk_echo_load.py."""
+    if rate:
+        raise RuntimeError("no open-loop load generator over memif")
+    argv = [sys.executable, str(REPO / "bench" / "dpdk_echo_load.py"), "--linger", "--vdev",
+            f"net_memif0,role=client,socket={MEMIF_SOCK},mac=02:00:00:00:00:02",
+            "--ip", MEMIF_CLIENT_IP, "-H", server.target, "-p", str(server.port),
+            "-c", str(sc.conns), "-s", str(sc.msg_size), "-d", str(seconds),
+            "-w", str(warmup_s)]
+    gen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=pin(LOAD_CPU))
+    server.peers.append(gen)
+    sel = selectors.DefaultSelector()
+    sel.register(gen.stdout, selectors.EVENT_READ)
+    ready = sel.select(seconds + warmup_s + 60)
+    sel.close()
+    line = gen.stdout.readline() if ready else ""
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise RuntimeError(f"dpdk_echo_load failed: {line!r}") from None
+
+
 def echo_load_argv(sc, server, seconds, rate=None):
-    if server.link == "memif":
-        if rate:
-            raise RuntimeError("no open-loop load generator over memif")
-        return [sys.executable, str(REPO / "bench" / "dpdk_echo_load.py"), "--vdev",
-                f"net_memif0,role=client,socket={MEMIF_SOCK},mac=02:00:00:00:00:02",
-                "--ip", MEMIF_CLIENT_IP, "-H", server.target, "-p", str(server.port),
-                "-c", str(sc.conns), "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
     argv = [str(build_echo_load()), "-H", server.target, "-p", str(server.port),
             "-c", str(sc.conns), "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
     return argv + (["-r", f"{rate:.0f}"] if rate else [])
@@ -235,7 +262,9 @@ def run_tool(argv, timeout, server=None):
                           preexec_fn=pin(LOAD_CPU))
 
 
-def run_echo(sc, server, seconds, rate=None):
+def run_echo(sc, server, seconds, rate=None, warmup_s=0.0):
+    if server.link == "memif":
+        return run_memif_echo(sc, server, seconds, rate, warmup_s)
     out = run_tool(echo_load_argv(sc, server, seconds, rate), seconds + 60, server)
     try:
         return json.loads(out.stdout)
@@ -313,10 +342,11 @@ def parse_redis_csv(text, requests_per_test):
     }
 
 
-def run_load(sc, server, seconds, rate=None, warmup=False):
-    """One run of the scenario's load generator against the server."""
+def run_load(sc, server, seconds, rate=None, warmup=False, warmup_s=0.0):
+    """One run of the scenario's load generator against the server (warmup_s: a warm-up
+    inside the same run, for generators that cannot run twice; its requests do not count)."""
     if sc.kind == "echo":
-        return run_echo(sc, server, seconds, rate)
+        return run_echo(sc, server, seconds, rate, warmup_s)
     if sc.kind == "http":
         return run_wrk(sc, server, seconds)
     if sc.kind == "redis":
@@ -363,22 +393,34 @@ def measure(loop, sc, seconds, rate=None, warmup_s=0.5, profile_to=None):
     profile_to: a perf.data path: record the server during the measured run.
     """
     server = Server(loop, sc.server)
+    inline_warmup = warmup_s if server.link == "memif" else 0.0
     try:
-        if warmup_s:
+        if warmup_s and not inline_warmup:
             run_load(sc, server, warmup_s, rate, warmup=True)
         cpu0, busy0, load0 = server.cpu_seconds(), machine_busy_seconds(), children_cpu_seconds()
         wall0 = time.monotonic()
         if profile_to:
             with Perf(server.proc.pid, profile_to):
-                res = run_load(sc, server, seconds, rate)
+                res = run_load(sc, server, seconds, rate, warmup_s=inline_warmup)
         else:
-            res = run_load(sc, server, seconds, rate)
+            res = run_load(sc, server, seconds, rate, warmup_s=inline_warmup)
         wall = time.monotonic() - wall0
         cpu = server.cpu_seconds() - cpu0
         gen = children_cpu_seconds() - load0
+        if server.link == "memif":
+            # The generator is still running (connected), so it is not among the finished
+            # children yet; it busy-polls at the share of a core it reports.
+            gen = res["gen_cpu_pct"] / 100 * wall
         # CPU used by anything other than server and load generator: a busy
         # machine (e.g. a compile running next to the suite) skews results.
         other = machine_busy_seconds() - busy0 - cpu - gen
+        if server.link == "memif":
+            # The generator also started its EAL and warmed up in this window: count the
+            # server's CPU over the measured part only, at the share of a core it used over
+            # the whole window.
+            share = cpu / wall
+            wall = res["elapsed_s"]
+            cpu, gen = share * wall, res["gen_cpu_pct"] / 100 * wall
     finally:
         rc = server.stop()
     if profile_to:

@@ -162,7 +162,8 @@ def default_eal_args(vdev, cpu=None):
     may float over every CPU this process may use, so the loop's thread keeps its affinity."""
     cpus = [cpu] if cpu is not None else sorted(os.sched_getaffinity(0))
     return ['--no-huge', '-m', '256', '--no-pci', '--lcores', f'0@({",".join(map(str, cpus))})',
-            '--file-prefix', f'kbloop{os.getpid()}', '--log-level', 'lib.*:error',
+            '--no-shconf', '--no-telemetry', '--file-prefix', f'kbloop{os.getpid()}',
+            '--log-level', 'lib.*:error',
             '--vdev', vdev]
 
 

@@ -22,10 +22,10 @@ def _die_with_parent():
 class Child:
     live = []       # children not reaped yet: a fixture kills them after a failing test
 
-    def __init__(self, cmd, *, env=None, cwd=None, runtime_dirs=(), what="child"):
+    def __init__(self, cmd, *, env=None, cwd=None, runtime_dirs=(), what="child", stdin=None):
         self.what = what
         self.runtime_dirs = list(runtime_dirs)
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      preexec_fn=_die_with_parent)
         Child.live.append(self)

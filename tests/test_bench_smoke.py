@@ -208,6 +208,27 @@ def test_modes_report_checks_busy_poll_target():
     assert target[1] == "MISSED"
 
 
+def test_dpdk_report_compares_each_link_with_its_own_uvloop():
+    """--dpdk: the veth loops are compared with uvloop-veth, memif with uvloop on loopback,
+    and the memif CPU target (<= 0.5x uvloop at 1 KiB c32, Protocol) is checked."""
+    from bench import report
+
+    c32 = scenarios.echo("proto", 1024, 32)
+    base = {"warmup": False, "ok": True, "server_cpu_pct": 100.0, "gen_cpu_pct": 50.0,
+            "p50_us": 100.0, "p99_us": 200.0, "p999_us": 300.0}
+    runs = {"uvloop-veth": (100_000, 8.0), "kbloop-dpdk": (120_000, 6.0),
+            "uvloop": (110_000, 8.0), "kbloop-memif": (400_000, 3.6)}
+    samples = [{**base, "scenario": c32.name, "loop": loop, "rps": rps, "cpu_us_per_req": cpu}
+               for loop, (rps, cpu) in runs.items()]
+    rows = {r["loop"]: r for r in report.summarize(samples, list(runs), [c32])}
+    assert rows["kbloop-dpdk"]["vs_uvloop"] == 1.2 and rows["kbloop-dpdk"]["cpu_vs_uvloop"] == 0.75
+    assert rows["kbloop-memif"]["cpu_vs_uvloop"] == 0.45
+    (target,) = [t for t in report.check_targets(list(rows.values())) if "memif" in t[0]]
+    assert target[1] == "met" and "0.45x" in target[2][0]
+    table = report.modes_table(list(rows.values()))
+    assert "120,000 (1.20x)" in table and "400,000 (3.64x)" in table
+
+
 def test_smoke_mode_writes_report_and_plots(smoke_run):
     proc, data, out = smoke_run
     assert data is not None, proc.stdout + proc.stderr

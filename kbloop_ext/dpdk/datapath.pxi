@@ -16,6 +16,7 @@
 from libc.stdint cimport uint16_t, uintptr_t
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from socket import (SO_TYPE as _SO_TYPE, SO_ERROR as _SO_ERROR, SO_REUSEPORT as _SO_REUSEPORT,
+                    IPPROTO_UDP,
                     SHUT_WR as _SHUT_WR, SHUT_RDWR as _SHUT_RDWR)
 
 cdef extern from "kb_dpdk.h":
@@ -32,6 +33,8 @@ cdef extern from "kb_dpdk.h":
         kb_conn *conn
         kb_conn *listener
         pbuf *p
+        uint32_t addr
+        uint16_t port
     ctypedef struct kb_dpdk_api:
         int version
         int (*poll)()
@@ -55,8 +58,13 @@ cdef extern from "kb_dpdk.h":
         pbuf *(*pbuf_segment)(pbuf *p, const void **payload, size_t *len)
         void (*pbuf_free)(pbuf *p)
         const char *(*strerr)(int err)
+        kb_conn *(*udp_open)(uint32_t ip, uint16_t port, int *err)
+        int (*udp_connect)(kb_conn *c, uint32_t ip, uint16_t port)
+        int (*udp_sendto)(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port)
+        size_t (*pbuf_copy)(pbuf *p, void *dst, size_t len)
     enum:
-        KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR
+        KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR,
+        KB_EV_DGRAM
         KB_DPDK_API_VERSION
     const char *KB_DPDK_API_CAPSULE
 
@@ -77,6 +85,10 @@ cdef int EPHEMERAL_LISTEN_FIRST = 32768, EPHEMERAL_LISTEN_LAST = 49151
 # Deferred completions, run at the end of poll(): never from inside the transport's own call.
 cdef size_t DELIVER_MAX = 256 * 1024   # bytes per data_received() call, as asyncio reads
 cdef int LATER_DRAIN = 1, LATER_RECV_DONE = 2, LATER_SENT = 3, LATER_SEND_ERROR = 4
+cdef int LATER_DGRAM_SENT = 5
+# Datagrams kept for an endpoint that is not reading: past this many, new ones are dropped
+# (counted), as a full socket receive buffer drops them.
+cdef Py_ssize_t DGRAM_QUEUE_MAX = 4096
 
 
 cdef object _lwip_oserror(int err, bint connecting):
@@ -128,6 +140,7 @@ cdef class StackSocket:
         object connect_fut
         list out                 # the send batch being copied into lwIP
         Py_ssize_t out_i, out_off, out_total
+        object dgrams            # UDP: (bytes, address) received, not delivered yet
 
     def __cinit__(self):
         self.family = AF_INET
@@ -205,7 +218,10 @@ cdef class StackSocket:
                                          f'a DPDK stack socket')
 
     def bind(self, address):
-        self.dp._bind(self, address)
+        if self.type == SOCK_DGRAM:
+            self.dp._udp_bind(self, address)
+        else:
+            self.dp._bind(self, address)
 
     def listen(self, backlog=128):
         self.dp._listen(self, backlog)
@@ -254,7 +270,7 @@ cdef class DpdkDatapath(Datapath):
         list rx_ready            # sockets that received something in this poll
         int next_port
         bint opened
-        uint64_t n_events, n_rx_bytes, n_tx_bytes
+        uint64_t n_events, n_rx_bytes, n_tx_bytes, n_dgrams_dropped
 
     def __init__(self, eal_args, int port, str ip, str netmask, str gateway, BufferPool pool):
         global _dpdk_stack, _dpdk_stack_config, _dpdk_stack_user
@@ -281,6 +297,13 @@ cdef class DpdkDatapath(Datapath):
                 raise BackendUnavailable(f'DPDK could not start: {exc}') from None
             _dpdk_stack_config = config
             atexit.register(_close_dpdk_stack)
+            # With --no-shconf --no-telemetry (kbloop's defaults) the EAL's runtime directory
+            # stays empty: remove it now, so that nothing is left behind even by a process
+            # that dies by a signal (uvicorn re-raises the SIGTERM it handled).
+            try:
+                os.rmdir(_dpdk_stack.runtime_dir)
+            except OSError:
+                pass
         elif _dpdk_stack_config != config:
             raise BackendUnavailable(
                 'DPDK runs once per process and is already started with another configuration '
@@ -328,10 +351,75 @@ cdef class DpdkDatapath(Datapath):
         s._nodelay = False
         return s
 
-    def socket(self):
-        """A new, unconnected stack socket."""
+    def socket(self, int type=SOCK_STREAM):
+        """A new, unconnected stack socket (SOCK_STREAM: TCP, SOCK_DGRAM: UDP)."""
         self._check_open()
-        return self._new_socket()
+        cdef StackSocket s = self._new_socket()
+        if type == SOCK_DGRAM:
+            s.type = SOCK_DGRAM
+            s.proto = IPPROTO_UDP
+            s.dgrams = collections.deque()
+        return s
+
+    # -- UDP -------------------------------------------------------------------------------
+    cdef _udp_bind(self, StackSocket s, address):
+        cdef int err = 0, port
+        cdef kb_conn *c
+        if s.c is not NULL:
+            raise OSError(errno.EINVAL, 'the socket is already bound')
+        host, port = address[:2]
+        if not self.serves(host):
+            raise OSError(errno.EADDRNOTAVAIL,
+                          f'{host!r} is not this DPDK stack\'s address ({self.ip})')
+        c = self.api.udp_open(_ip4_be(host or '0.0.0.0'), port, &err)
+        if c is NULL:
+            raise _lwip_oserror(err, False)
+        s._attach_conn(c)
+        self._udp_names(s)
+
+    cdef _udp_names(self, StackSocket s):
+        cdef uint32_t lip, rip
+        cdef uint16_t lport, rport
+        if self.api.tcp_addrs(s.c, &lip, &lport, &rip, &rport) == 0:
+            s._local = (_ip4_str(lip), lport)
+            s._peer = (_ip4_str(rip), rport) if rport else None
+
+    def udp_connect(self, StackSocket s, address):
+        """Fix the peer of a UDP socket (binding it first to any port if it is not bound)."""
+        cdef int err
+        if s.c is NULL:
+            self._udp_bind(s, ('0.0.0.0', 0))
+        err = self.api.udp_connect(s.c, _ip4_be(address[0]), address[1])
+        if err:
+            raise _lwip_oserror(err, False)
+        self._udp_names(s)
+
+    cdef int dgram_recv_start(self, DatagramCore t) except -1:
+        cdef StackSocket s = t._sock
+        if s.dgrams:
+            self.later.append((LATER_DRAIN, s, None))
+        return 0
+
+    cdef int dgram_send(self, DatagramCore t, object data, bytes sockaddr) except -1:
+        cdef StackSocket s = t._sock
+        cdef Py_buffer view
+        cdef uint32_t ip = 0
+        cdef uint16_t port = 0
+        cdef int err
+        if sockaddr is not None:
+            family, port = struct_unpack('=H', sockaddr[:2])[0], struct_unpack('!H', sockaddr[2:4])[0]
+            if family != AF_INET:
+                self.later.append((LATER_DGRAM_SENT, s, (len(data), errno.EAFNOSUPPORT)))
+                return 0
+            ip = struct_unpack('=I', sockaddr[4:8])[0]
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            err = self.api.udp_sendto(s.c, view.buf, view.len, ip, port) if s.c is not NULL else -11
+        finally:
+            PyBuffer_Release(&view)
+        self.later.append((LATER_DGRAM_SENT, s,
+                           (len(data), _lwip_oserror(err, False).errno if err else 0)))
+        return 0
 
     cdef _check_open(self):
         if not self.opened:
@@ -412,7 +500,7 @@ cdef class DpdkDatapath(Datapath):
             self.api.tcp_close(c)
             self.api.conn_release(c)
             self.socks.pop(s._fileno, None)
-        if s._local is not None and (s._listening or s._peer is None):
+        if s.type == SOCK_STREAM and s._local is not None and (s._listening or s._peer is None):
             self.bound_ports.discard(s._local[1])
             s._listening = False
         s.owner_obj = None
@@ -450,6 +538,11 @@ cdef class DpdkDatapath(Datapath):
         cdef StackSocket s = t._sock
         cdef Py_ssize_t total = 0
         batch = t.take_batch()
+        if s.rx_error is not None:      # reset while nobody was reading
+            exc = s.rx_error
+            s.rx_error = None
+            self.later.append((LATER_SEND_ERROR, s, exc))
+            return 0
         for item in batch:
             total += len(item)
         s.out = batch
@@ -579,6 +672,22 @@ cdef class DpdkDatapath(Datapath):
                     fut.set_result(None)
         elif kind == KB_EV_ERROR:
             self._on_conn_error(s, ev.err)
+        elif kind == KB_EV_DGRAM:
+            self._on_datagram(s, ev)
+
+    cdef _on_datagram(self, StackSocket s, kb_event *ev):
+        """A datagram for UDP socket s: copied into bytes at once (its pbuf goes back)."""
+        cdef bytes data = PyBytes_FromStringAndSize(NULL, ev.len)
+        self.api.pbuf_copy(ev.p, PyBytes_AS_STRING(data), ev.len)
+        self.api.pbuf_free(ev.p)
+        if s.dgrams is None or len(s.dgrams) >= DGRAM_QUEUE_MAX:
+            self.n_dgrams_dropped += 1
+            return
+        self.n_rx_bytes += ev.len
+        s.dgrams.append((data, (_ip4_str(ev.addr), ev.port)))
+        if not s.rx_marked:
+            s.rx_marked = True
+            self.rx_ready.append(s)
 
     cdef _on_conn_error(self, StackSocket s, int err):
         """lwIP has freed the connection (RST, or it gave up retransmitting)."""
@@ -593,18 +702,26 @@ cdef class DpdkDatapath(Datapath):
                 fut.set_exception(exc)
             return
         t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-        if t is None:
-            s.rx_error = exc        # for the transport, when one is attached
-            return
-        if s.out is not None or t._send_inflight:
+        if t is not None and (s.out is not None or t._send_inflight):
             s.out = None
             t._on_send_error(exc.errno, None)
-        else:
+        elif t is not None and t._recv_armed and not t._recv_stopping:
             t._on_recv_error(exc.errno)
+        else:
+            # Nobody is reading (no transport yet, paused, or after EOF): as on a kernel
+            # socket, the transport hears of it when it reads again or writes.
+            s.rx_error = exc
 
     cdef _drain(self, StackSocket s):
         """Deliver what s holds if its transport is reading: its data in one call (up to
         DELIVER_MAX bytes at a time), then the peer's FIN or an error that came meanwhile."""
+        cdef DatagramCore d
+        if isinstance(s.owner_obj, DatagramCore):
+            d = s.owner_obj
+            while s.dgrams and d._recv_armed and not d._recv_stopping and not d._closing:
+                data, addr = s.dgrams.popleft()
+                d._on_datagram(data, addr)
+            return
         cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
         if t is None:
             return
@@ -672,6 +789,16 @@ cdef class DpdkDatapath(Datapath):
             todo = self.later
             self.later = []
             for kind, s, value in todo:
+                if kind == LATER_RECV_DONE and isinstance(s.owner_obj, TransportCore):
+                    (<TransportCore>s.owner_obj)._on_recv_done()
+                    continue
+                if kind == LATER_DGRAM_SENT:
+                    if isinstance(s.owner_obj, DatagramCore):
+                        (<DatagramCore>s.owner_obj)._on_dgram_sent(value[0], value[1])
+                    continue
+                if kind == LATER_DRAIN:
+                    self._drain(s)
+                    continue
                 t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
                 if t is None:
                     continue
@@ -679,10 +806,6 @@ cdef class DpdkDatapath(Datapath):
                     t._on_sent(value, None)
                 elif kind == LATER_SEND_ERROR:
                     t._on_send_error(value.errno, None)
-                elif kind == LATER_RECV_DONE:
-                    t._on_recv_done()
-                elif kind == LATER_DRAIN:
-                    self._drain(s)
 
     cdef void close(self):
         """Abort what this loop left open and hand the stack over to the next loop (the stack
@@ -711,4 +834,5 @@ cdef class DpdkDatapath(Datapath):
         d['socket_rx_bytes'] = self.n_rx_bytes
         d['socket_tx_bytes'] = self.n_tx_bytes
         d['sockets'] = len(self.socks)
+        d['datagrams_dropped'] = self.n_dgrams_dropped
         return d

@@ -24,6 +24,7 @@
 #include "lwip/pbuf.h"
 #include "lwip/stats.h"
 #include "lwip/tcp.h"
+#include "lwip/udp.h"
 #include "lwip/priv/tcp_priv.h"   /* tcp_active_pcbs, to abort them all at stop */
 #include "lwip/timeouts.h"
 #include "netif/ethernet.h"
@@ -260,11 +261,14 @@ int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
     for (int i = 0; i < cfg->argc; i++)
         argv[i] = cfg->argv[i];
     argv[cfg->argc] = NULL;
-    if (rte_eal_init(cfg->argc, argv) < 0) {
+    int eal = rte_eal_init(cfg->argc, argv);
+    /* Known even when the EAL failed after creating it (a device that does not probe), so
+     * that the caller can remove it. */
+    snprintf(S.runtime_dir, sizeof S.runtime_dir, "%s", rte_eal_get_runtime_dir());
+    if (eal < 0) {
         snprintf(errbuf, errlen, "rte_eal_init failed: %s", rte_strerror(rte_errno));
         return -1;
     }
-    snprintf(S.runtime_dir, sizeof S.runtime_dir, "%s", rte_eal_get_runtime_dir());
     S.port = cfg->port;
     const char *what = NULL;
     int rc = 0;
@@ -668,6 +672,11 @@ void kb_tcp_abort(kb_conn *c)
 void kb_conn_release(kb_conn *c)
 {
     c->owner = NULL;
+    if (c->upcb != NULL) {   /* a UDP endpoint: nothing to tear down gracefully */
+        udp_recv(c->upcb, NULL, NULL);
+        udp_remove(c->upcb);
+        c->upcb = NULL;
+    }
     if (c->pcb != NULL)
         kb_tcp_abort(c);
     c->released = 1;
@@ -676,6 +685,14 @@ void kb_conn_release(kb_conn *c)
 
 int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport)
 {
+    if (c->upcb != NULL) {
+        *lip = ip_2_ip4(&c->upcb->local_ip)->addr;
+        *lport = c->upcb->local_port;
+        int connected = (c->upcb->flags & UDP_FLAGS_CONNECTED) != 0;
+        *rip = connected ? ip_2_ip4(&c->upcb->remote_ip)->addr : 0;
+        *rport = connected ? c->upcb->remote_port : 0;
+        return ERR_OK;
+    }
     if (c->pcb == NULL)
         return ERR_CONN;
     *lip = ip_2_ip4(&c->pcb->local_ip)->addr;
@@ -688,6 +705,70 @@ int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint
         *rport = c->pcb->remote_port;
     }
     return ERR_OK;
+}
+
+/* ------------------------------------------------------------------ UDP */
+
+static void kb_on_udp_recv(void *arg, struct udp_pcb *pcb, struct pbuf *p,
+                           const ip_addr_t *addr, u16_t port)
+{
+    (void)pcb;
+    kb_conn *c = arg;
+    if (c == NULL) {
+        pbuf_free(p);
+        return;
+    }
+    kb_push(KB_EV_DGRAM, c, NULL, p, 0, p->tot_len);
+    S.events[S.nevents - 1].addr = ip_2_ip4(addr)->addr;
+    S.events[S.nevents - 1].port = port;
+}
+
+kb_conn *kb_udp_open(uint32_t ip, uint16_t port, int *err)
+{
+    struct udp_pcb *upcb = udp_new_ip_type(IPADDR_TYPE_V4);
+    if (upcb == NULL) { *err = ERR_MEM; return NULL; }
+    ip_addr_t a;
+    ip_addr_set_ip4_u32_val(a, ip);
+    if ((*err = udp_bind(upcb, &a, port)) != ERR_OK) {
+        udp_remove(upcb);
+        return NULL;
+    }
+    kb_conn *c = kb_conn_new(NULL);
+    if (c == NULL) { udp_remove(upcb); *err = ERR_MEM; return NULL; }
+    c->upcb = upcb;
+    udp_recv(upcb, kb_on_udp_recv, c);
+    return c;
+}
+
+int kb_udp_connect(kb_conn *c, uint32_t ip, uint16_t port)
+{
+    if (c->upcb == NULL)
+        return ERR_CONN;
+    ip_addr_t a;
+    ip_addr_set_ip4_u32_val(a, ip);
+    return udp_connect(c->upcb, &a, port);
+}
+
+int kb_udp_sendto(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port)
+{
+    if (c->upcb == NULL)
+        return ERR_CONN;
+    if (len > 0xffff - 8 - 20)
+        return ERR_VAL;          /* larger than an IPv4 datagram can be */
+    struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
+    if (p == NULL)
+        return ERR_MEM;
+    memcpy(p->payload, data, len);
+    err_t e;
+    if (ip == 0 && port == 0) {
+        e = udp_send(c->upcb, p);
+    } else {
+        ip_addr_t a;
+        ip_addr_set_ip4_u32_val(a, ip);
+        e = udp_sendto(c->upcb, p, &a, port);
+    }
+    pbuf_free(p);
+    return e;
 }
 
 /* ------------------------------------------------------------------ pbufs and stats */
@@ -719,10 +800,15 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     st->ip_drop = lwip_stats.ip.drop;
     st->link_drop = lwip_stats.link.drop;
     st->tcp_active = st->tcp_time_wait = st->tcp_syn_rcvd = st->tcp_established = 0;
+    st->tcp_fin_wait = st->tcp_close_wait = st->tcp_last_ack = 0;
     for (struct tcp_pcb *pcb = tcp_active_pcbs; pcb != NULL; pcb = pcb->next) {
         st->tcp_active++;
         st->tcp_syn_rcvd += pcb->state == SYN_RCVD;
         st->tcp_established += pcb->state == ESTABLISHED;
+        st->tcp_fin_wait += pcb->state == FIN_WAIT_1 || pcb->state == FIN_WAIT_2 ||
+                            pcb->state == CLOSING;
+        st->tcp_close_wait += pcb->state == CLOSE_WAIT;
+        st->tcp_last_ack += pcb->state == LAST_ACK;
     }
     for (struct tcp_pcb *pcb = tcp_tw_pcbs; pcb != NULL; pcb = pcb->next)
         st->tcp_time_wait++;
@@ -794,4 +880,8 @@ const kb_dpdk_api kb_dpdk_api_table = {
     .pbuf_segment = kb_pbuf_segment,
     .pbuf_free = kb_pbuf_free,
     .strerr = kb_lwip_strerr,
+    .udp_open = kb_udp_open,
+    .udp_connect = kb_udp_connect,
+    .udp_sendto = kb_udp_sendto,
+    .pbuf_copy = kb_pbuf_copy,
 };

@@ -10,6 +10,7 @@
 
 struct pbuf;
 struct tcp_pcb;
+struct udp_pcb;
 
 enum kb_event_kind {
     KB_EV_ACCEPT = 1,    /* conn: the new connection; listener: the listening conn */
@@ -18,10 +19,12 @@ enum kb_event_kind {
     KB_EV_EOF,           /* conn: the peer sent FIN */
     KB_EV_SENT,          /* conn, len: bytes acknowledged by the peer */
     KB_EV_ERROR,         /* conn, err: lwIP's err_t; the pcb is gone */
+    KB_EV_DGRAM,         /* conn (UDP), p, addr, port: a datagram and its sender */
 };
 
 typedef struct kb_conn {
     struct tcp_pcb *pcb;     /* NULL once lwIP freed it (error) or we closed it */
+    struct udp_pcb *upcb;    /* a UDP endpoint instead: until released */
     void *owner;             /* the Cython side's object, borrowed */
     uint64_t id;
     int listening;
@@ -37,6 +40,8 @@ typedef struct kb_event {
     kb_conn *conn;
     kb_conn *listener;
     struct pbuf *p;
+    uint32_t addr;           /* KB_EV_DGRAM: the sender (network byte order) and its port */
+    uint16_t port;
 } kb_event;
 
 typedef struct kb_dpdk_config {
@@ -55,6 +60,7 @@ typedef struct kb_dpdk_stats {
     uint32_t tcp_pcbs_used, tcp_segs_used, pbufs_used, heap_used;
     uint32_t tcp_active, tcp_time_wait;   /* pcbs on lwIP's active and TIME_WAIT lists */
     uint32_t tcp_syn_rcvd, tcp_established;   /* of the active ones: half-open, established */
+    uint32_t tcp_fin_wait, tcp_close_wait, tcp_last_ack;  /* FIN_WAIT_1/2 and CLOSING; the rest */
     uint32_t lwip_errors;    /* memp/mem allocation failures counted by lwIP */
     uint64_t fault_dropped, fault_delayed, fault_reordered;   /* kb_dpdk_set_faults */
     uint32_t fault_held;     /* frames held back right now (their mbufs count as in use) */
@@ -103,6 +109,13 @@ void kb_tcp_abort(kb_conn *c);
 void kb_conn_release(kb_conn *c);  /* the Cython side is done with c */
 int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport);
 
+/* UDP on lwIP's raw API.  kb_udp_open binds (port 0: lwIP picks one); kb_udp_sendto with
+ * ip 0 and port 0 sends to the connected peer.  Return 0 or a negative err_t; the endpoint is
+ * closed by kb_conn_release. */
+kb_conn *kb_udp_open(uint32_t ip, uint16_t port, int *err);
+int kb_udp_connect(kb_conn *c, uint32_t ip, uint16_t port);
+int kb_udp_sendto(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port);
+
 /* pbufs handed out in KB_EV_RECV events */
 size_t kb_pbuf_len(struct pbuf *p);
 size_t kb_pbuf_copy(struct pbuf *p, void *dst, size_t len);
@@ -131,7 +144,7 @@ int kb_echo_load(uint32_t ip, uint16_t port, int nconns, size_t size, double sec
  * this header for the types and calls through the table, so it has no link-time dependency
  * on DPDK or lwIP and loads on machines without them. */
 #define KB_DPDK_API_CAPSULE "kbloop_ext.dpdk.stack._C_API"
-#define KB_DPDK_API_VERSION 1
+#define KB_DPDK_API_VERSION 2
 typedef struct kb_dpdk_api {
     int version;
     int (*poll)(void);
@@ -154,6 +167,10 @@ typedef struct kb_dpdk_api {
     struct pbuf *(*pbuf_segment)(struct pbuf *p, const void **payload, size_t *len);
     void (*pbuf_free)(struct pbuf *p);
     const char *(*strerr)(int err);
+    kb_conn *(*udp_open)(uint32_t ip, uint16_t port, int *err);
+    int (*udp_connect)(kb_conn *c, uint32_t ip, uint16_t port);
+    int (*udp_sendto)(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port);
+    size_t (*pbuf_copy)(struct pbuf *p, void *dst, size_t len);
 } kb_dpdk_api;
 
 extern const kb_dpdk_api kb_dpdk_api_table;

@@ -48,6 +48,7 @@ cdef extern from "kb_dpdk.h" nogil:
         uint32_t mbufs_total, mbufs_in_use, conns_live
         uint32_t tcp_pcbs_used, tcp_segs_used, pbufs_used, heap_used, lwip_errors
         uint32_t tcp_active, tcp_time_wait, tcp_syn_rcvd, tcp_established
+        uint32_t tcp_fin_wait, tcp_close_wait, tcp_last_ack
         uint64_t fault_dropped, fault_delayed, fault_reordered
         uint32_t fault_held
         uint32_t tcp_drop, tcp_chkerr, tcp_proterr, tcp_memerr, ip_drop, link_drop

@@ -333,6 +333,10 @@ cdef class _CoreLoop:
         while True:
             self._net.poll(0)
             if rounds % STACK_CLOCK_ROUNDS == 0:
+                # Let other threads in (run_in_executor's workers, getaddrinfo): a spin in C
+                # never reaches the interpreter's switch point, so without this they starve.
+                with nogil:
+                    pass
                 now = _monotonic()
                 if now >= self._next_uring_peek or self._dp.has_submissions():
                     self._dp.poll(0)
@@ -674,6 +678,60 @@ cdef class _CoreLoop:
         except BaseException:
             sock.close()
             raise
+
+    # -- UDP on the user-space stack --------------------------------------------------------
+    async def create_datagram_endpoint(self, protocol_factory, local_addr=None, remote_addr=None,
+                                       *, family=0, proto=0, flags=0, sock=None, **kwargs):
+        """asyncio's, and with a user-space stack: endpoints bound to its address or the
+        wildcard, or connected to its network, are UDP on the stack (docs/dpdk.md)."""
+        if (self._net is not None and sock is None and family in (0, AF_INET)
+                and (local_addr is not None or remote_addr is not None)
+                and 'reuse_address' not in kwargs):     # asyncio's own error for it
+            local = await self._stack_udp_address(local_addr, True)
+            remote = await self._stack_udp_address(remote_addr, False)
+            if local is not False and remote is not False:
+                return await self._stack_datagram_endpoint(protocol_factory, local, remote)
+        return await base_events.BaseEventLoop.create_datagram_endpoint(
+            self, protocol_factory, local_addr, remote_addr, family=family, proto=proto,
+            flags=flags, sock=sock, **kwargs)
+
+    async def _stack_udp_address(self, addr, bint local):
+        """addr resolved to (IPv4, port) if the stack carries it, None for no address, False
+        when it belongs to the kernel."""
+        cdef DpdkDatapath net = self._net
+        if addr is None:
+            return None
+        if not isinstance(addr, tuple) or len(addr) != 2:
+            return False
+        host, port = addr
+        if host not in (None, '') and not net.reaches(host) and not net.serves(host):
+            infos = await self.getaddrinfo(host, port, family=AF_INET, type=SOCK_DGRAM)
+            if not infos:
+                return False
+            host, port = infos[0][4][:2]
+        if local:
+            return (host or '0.0.0.0', port) if net.serves(host) else False
+        return (host, port) if net.reaches(host) else False
+
+    async def _stack_datagram_endpoint(self, protocol_factory, local, remote):
+        cdef DpdkDatapath net = self._net
+        sock = net.socket(SOCK_DGRAM)
+        try:
+            sock.bind(local or ('0.0.0.0', 0))
+            if remote is not None:
+                net.udp_connect(sock, remote)
+            protocol = protocol_factory()
+            waiter = self.create_future()
+            transport = self._make_datagram_transport(sock, protocol, remote, waiter)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        return transport, protocol
 
     async def create_server(self, protocol_factory, host=None, port=None, *,
                             family=AF_UNSPEC, flags=AI_PASSIVE, sock=None, backlog=100,
