@@ -545,7 +545,9 @@ def test_stack_to_stack_over_memif(tmp_path):
     assert result.get("connected") == 0 and "error" not in result, result
     assert result["received"] == 4 << 20 and result["eof"], result
     assert result["received_sha256"] == result["sent_sha256"]
-    # The server first: it may still be closing (a FIN to acknowledge), which needs the client.
+    # The client has finished its close and stopped polling (IDLE): the server leaves first,
+    # and the client, not polling, does not race memif's teardown (docs/dpdk.md).
+    client.expect("IDLE", timeout=30)
     server_stats, server_closed = server.stop()
     client_stats, client_closed = client.stop()
     for name, stats in (("client", client_stats), ("server", server_stats)):
