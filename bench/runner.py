@@ -132,6 +132,18 @@ def pin(cpu):
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
+def readline(stream, timeout):
+    """One line from a child's stdout pipe (text or bytes), or "" after timeout seconds."""
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    ready = sel.select(timeout)
+    sel.close()
+    if not ready:
+        return ""
+    line = stream.readline()
+    return line.decode() if isinstance(line, bytes) else line
+
+
 def build_echo_load():
     """Compile the load generator if it is missing or older than its source."""
     src, exe = REPO / "bench" / "echo_load.c", BUILD / "echo_load"
@@ -183,11 +195,7 @@ class Server:
             raise RuntimeError(f"{loop} server runs on {used and used.group(1)}")
 
     def _readline(self, timeout):
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        ready = sel.select(timeout)
-        sel.close()
-        return self.proc.stdout.readline().decode() if ready else ""
+        return readline(self.proc.stdout, timeout)
 
     def cpu_seconds(self):
         # utime+stime of the whole thread group (includes io_uring workers).
@@ -237,11 +245,7 @@ def run_memif_echo(sc, server, seconds, rate, warmup_s):
     gen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, preexec_fn=pin(LOAD_CPU))
     server.peers.append(gen)
-    sel = selectors.DefaultSelector()
-    sel.register(gen.stdout, selectors.EVENT_READ)
-    ready = sel.select(seconds + warmup_s + 60)
-    sel.close()
-    line = gen.stdout.readline() if ready else ""
+    line = readline(gen.stdout, seconds + warmup_s + 60)
     try:
         return json.loads(line)
     except ValueError:

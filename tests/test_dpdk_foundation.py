@@ -19,39 +19,17 @@ import time
 import pytest
 
 import childproc
-import netns
-from kbloop_ext import dpdk
+from dpdkenv import PYTESTMARK, REPO, VDEVS, _kill_leftover_children, net  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "dpdk_stack_peer.py")
-REPO = os.path.dirname(HERE)
-
-built, why_not_built = dpdk.available()
-ns_ok, why_no_ns = netns.available()
-if not built and os.environ.get("CI"):
-    # CI installs DPDK and lwIP's source (scripts/setup.sh): a missing build is a failure there.
-    raise RuntimeError(f"CI without the DPDK datapath: {why_not_built}")
-pytestmark = [pytest.mark.skipif(not built, reason=why_not_built),
-              pytest.mark.skipif(not ns_ok, reason=why_no_ns)]
-
-VDEVS = {
-    "af_packet": "net_af_packet0,iface=vA",
-    "af_xdp": "net_af_xdp0,iface=vA,start_queue=0,queue_count=1",
-}
+pytestmark = PYTESTMARK
 
 
 def py(code, *args, timeout=60):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftover_peers():
-    """A test that fails (or times out) before stopping its peers must not leave them
-    busy-polling: kill them, and clean up their EAL runtime files."""
-    yield
-    childproc.kill_leftovers()
 
 
 class Peer(childproc.Child):
@@ -85,12 +63,6 @@ class Peer(childproc.Child):
             if until(stats) or time.monotonic() > end:
                 return stats
             time.sleep(0.1)
-
-
-@pytest.fixture
-def net():
-    with netns.VethPair() as pair:
-        yield pair
 
 
 # ---------------------------------------------------------------- start-up and shut-down

@@ -19,39 +19,15 @@ import pytest
 
 import childproc
 import netns
-from kbloop_ext import dpdk
+from dpdkenv import PYTESTMARK, REPO, VDEVS, _kill_leftover_children, net  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-
-built, why_not_built = dpdk.available()
-ns_ok, why_no_ns = netns.available()
-if not built and os.environ.get("CI"):
-    raise RuntimeError(f"CI without the DPDK datapath: {why_not_built}")
-pytestmark = [pytest.mark.skipif(not built, reason=why_not_built),
-              pytest.mark.skipif(not ns_ok, reason=why_no_ns)]
-
-VDEVS = {
-    "af_packet": "net_af_packet0,iface=vA",
-    "af_xdp": "net_af_xdp0,iface=vA,start_queue=0,queue_count=1",
-}
+pytestmark = PYTESTMARK
 
 
 # The kernel side's tools run without the ASan pass's LD_PRELOAD (scripts/asan.sh): curl hangs
 # with libasan preloaded, and they are not our code.
 TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-
-
-@pytest.fixture(autouse=True)
-def _kill_leftovers():
-    yield
-    childproc.kill_leftovers()
-
-
-@pytest.fixture
-def net():
-    with netns.VethPair() as pair:
-        yield pair
 
 
 class App(childproc.Child):

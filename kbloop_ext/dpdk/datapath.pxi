@@ -38,14 +38,12 @@ cdef extern from "kb_dpdk.h":
     ctypedef struct kb_dpdk_api:
         int version
         int (*poll)()
-        void (*flush)()
         kb_event *(*events)(size_t *count)
         void (*events_clear)()
         kb_conn *(*tcp_listen)(uint32_t ip, uint16_t port, int backlog, int *err)
         kb_conn *(*tcp_connect)(uint32_t ip, uint16_t port, int *err)
         long (*tcp_write)(kb_conn *c, const void *data, size_t len, int more)
         int (*tcp_output)(kb_conn *c)
-        size_t (*tcp_sndbuf)(kb_conn *c)
         void (*tcp_recved)(kb_conn *c, uint32_t len)
         int (*tcp_shutdown_write)(kb_conn *c)
         int (*tcp_close)(kb_conn *c)
@@ -57,7 +55,6 @@ cdef extern from "kb_dpdk.h":
         void (*tcp_set_keepalive)(kb_conn *c, int on)
         pbuf *(*pbuf_segment)(pbuf *p, const void **payload, size_t *len)
         void (*pbuf_free)(pbuf *p)
-        const char *(*strerr)(int err)
         kb_conn *(*udp_open)(uint32_t ip, uint16_t port, int *err)
         int (*udp_connect)(kb_conn *c, uint32_t ip, uint16_t port)
         int (*udp_sendto)(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port)
@@ -406,12 +403,14 @@ cdef class DpdkDatapath(Datapath):
         cdef uint32_t ip = 0
         cdef uint16_t port = 0
         cdef int err
-        if sockaddr is not None:
-            family, port = struct_unpack('=H', sockaddr[:2])[0], struct_unpack('!H', sockaddr[2:4])[0]
-            if family != AF_INET:
+        cdef const unsigned char *sa
+        if sockaddr is not None:      # a struct sockaddr_in, as _pack_sockaddr made it
+            sa = <const unsigned char *>PyBytes_AS_STRING(sockaddr)
+            if len(sockaddr) < 8 or (<const unsigned short *>sa)[0] != AF_INET:
                 self.later.append((LATER_DGRAM_SENT, s, (len(data), errno.EAFNOSUPPORT)))
                 return 0
-            ip = struct_unpack('=I', sockaddr[4:8])[0]
+            port = (sa[2] << 8) | sa[3]
+            memcpy(&ip, sa + 4, 4)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             err = self.api.udp_sendto(s.c, view.buf, view.len, ip, port) if s.c is not NULL else -11
@@ -630,7 +629,6 @@ cdef class DpdkDatapath(Datapath):
 
     cdef _dispatch(self, kb_event *ev):
         cdef StackSocket s, ls
-        cdef StreamCore t
         cdef int kind = ev.kind
         if kind == KB_EV_ACCEPT:
             if ev.listener.owner is NULL:

@@ -144,18 +144,16 @@ int kb_echo_load(uint32_t ip, uint16_t port, int nconns, size_t size, double sec
  * this header for the types and calls through the table, so it has no link-time dependency
  * on DPDK or lwIP and loads on machines without them. */
 #define KB_DPDK_API_CAPSULE "kbloop_ext.dpdk.stack._C_API"
-#define KB_DPDK_API_VERSION 2
+#define KB_DPDK_API_VERSION 3
 typedef struct kb_dpdk_api {
     int version;
     int (*poll)(void);
-    void (*flush)(void);
     kb_event *(*events)(size_t *count);
     void (*events_clear)(void);
     kb_conn *(*tcp_listen)(uint32_t ip, uint16_t port, int backlog, int *err);
     kb_conn *(*tcp_connect)(uint32_t ip, uint16_t port, int *err);
     long (*tcp_write)(kb_conn *c, const void *data, size_t len, int more);
     int (*tcp_output)(kb_conn *c);
-    size_t (*tcp_sndbuf)(kb_conn *c);
     void (*tcp_recved)(kb_conn *c, uint32_t len);
     int (*tcp_shutdown_write)(kb_conn *c);
     int (*tcp_close)(kb_conn *c);
@@ -166,7 +164,6 @@ typedef struct kb_dpdk_api {
     void (*tcp_set_keepalive)(kb_conn *c, int on);
     struct pbuf *(*pbuf_segment)(struct pbuf *p, const void **payload, size_t *len);
     void (*pbuf_free)(struct pbuf *p);
-    const char *(*strerr)(int err);
     kb_conn *(*udp_open)(uint32_t ip, uint16_t port, int *err);
     int (*udp_connect)(kb_conn *c, uint32_t ip, uint16_t port);
     int (*udp_sendto)(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port);

@@ -199,11 +199,6 @@ cdef class TcpConn:
 cdef bint _running = False
 
 
-def is_running():
-    """Whether this process's Stack is started (the EAL can run once per process)."""
-    return _running
-
-
 cdef class Stack:
     """The DPDK port and the lwIP stack of this process.
 

@@ -86,26 +86,21 @@ cdef class StreamCore(TransportCore):
             self._fatal_error(exc, 'Fatal error: protocol.buffer_received() call failed.')
 
     cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
-        """n bytes arrived in a pool buffer lent for this call only."""
-        if self._closing or self._called_lost:
-            return
-        if self._paused_reading or self._stash:
-            self._stash.append(PyBytes_FromStringAndSize(ptr, n))
-            return
-        try:
-            if self._is_buffered:
+        """n bytes arrived in a pool buffer lent for this call only.  A BufferedProtocol
+        gets them copied straight into its buffer; the others get a bytes object."""
+        if (self._is_buffered and not self._paused_reading and not self._stash
+                and not self._closing and not self._called_lost):
+            try:
                 self._feed_buffered(ptr, n)
-            elif self._zero_copy:     # a device that lends no pool buffers: bytes
-                self._buffer_received(PyBytes_FromStringAndSize(ptr, n))
-            else:
-                self._data_received(PyBytes_FromStringAndSize(ptr, n))
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, 'Fatal error: protocol.data_received() call failed.')
+            return
+        self._on_bytes(PyBytes_FromStringAndSize(ptr, n))
 
     cdef void _on_bytes(self, bytes data) except *:
-        """As _on_data, for a device that already gathered the data into a bytes object."""
+        """Received data as a bytes object (from _on_data, or from a device that gathered it)."""
         if self._closing or self._called_lost:
             return
         if self._paused_reading or self._stash:
@@ -114,7 +109,7 @@ cdef class StreamCore(TransportCore):
         try:
             if self._is_buffered:
                 self._feed_buffered(PyBytes_AS_STRING(data), len(data))
-            elif self._zero_copy:
+            elif self._zero_copy:     # a device that lends no pool buffers: bytes
                 self._buffer_received(data)
             else:
                 self._data_received(data)
