@@ -8,7 +8,7 @@ The pieces live in their own files (included below) so that the layout shows the
   uring/       the io_uring datapath (liburing)
   dpdk/        the DPDK datapath (lwIP over a DPDK port, driven through kbloop_ext.dpdk.stack)
 """
-from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 cdef extern from "<errno.h>":
     int ECANCELED, ENOBUFS, EINTR, EEXIST, EBUSY, EAGAIN, EBADF

@@ -41,8 +41,9 @@ cdef class Datapath:
     cdef int unregister_slab(self, _Slab slab) except -1:
         return 0
 
-    cdef void recv_buffer_returned(self, uint32_t number, object holder) noexcept:
-        """The last Buffer over receive buffer `number`, filled for transport `holder`, is gone."""
+    cdef void recv_buffer_returned(self, uint32_t number, uintptr_t token, object holder) noexcept:
+        """The last Buffer over receive buffer `number` (or the device's `token`), filled for
+        `holder`, is gone."""
         pass
 
     cdef int poll(self, int64_t timeout_ns) except -1:

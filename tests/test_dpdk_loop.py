@@ -389,6 +389,171 @@ def test_slow_reader_reset_and_many_connections_leak_nothing(net, tmp_path):
     assert stats["tcp_established"] == 0 and stats["tcp_syn_rcvd"] == 0, stats
 
 
+# ------------------------------------------------------------------ zero copy
+
+ZERO_COPY_PROGRAM = r"""
+import asyncio, hashlib, json
+import kbloop
+
+HOLD = 256 * 1024       # held (not released) until then, and for a second after
+
+class ZeroCopyEcho(kbloop.ZeroCopyProtocol):
+    def connection_made(self, transport):
+        self.t = transport
+        self.got, self.n, self.held, self.kinds = hashlib.sha256(), 0, [], set()
+        self.hold_report = None
+        self.releasing = False
+
+    def buffer_received(self, buf):
+        self.kinds.add(repr(buf).split("(")[1].split(")")[0] + " " + type(buf).__name__)
+        self.got.update(buf)
+        self.n += len(buf)
+        self.t.write(buf)       # the received Buffer goes back out as it is
+        if self.hold_report is None:
+            self.held.append(buf)
+            if self.n >= HOLD and not self.releasing:
+                self.releasing = True
+                asyncio.get_running_loop().call_later(1.0, self.release)
+
+    def release(self):
+        st = asyncio.get_running_loop().stats()["dpdk"]
+        self.hold_report = {"received": self.n, "held": len(self.held),
+                            "lent_now": st["rx_lent_now"]}
+        self.held.clear()
+
+    def eof_received(self):
+        self.t.close()
+
+    def connection_lost(self, exc):
+        done.set_result({"sha256": self.got.hexdigest(), "received": self.n,
+                         "kinds": sorted(self.kinds), "hold": self.hold_report,
+                         "exc": repr(exc)})
+
+async def main():
+    global done
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    server = await loop.create_server(ZeroCopyEcho, None, 8000)
+    print("listening", flush=True)
+    result = await done
+    server.close()
+    await asyncio.sleep(0.3)
+    st = loop.stats()["dpdk"]
+    result["stats"] = {k: st[k] for k in ("rx_lent", "rx_lent_bytes", "rx_lent_now",
+                                          "zc_throttles", "mbufs_in_use", "tcp_segs_used")}
+    print("RESULT " + json.dumps(result), flush=True)
+
+kbloop.run(main())
+"""
+
+
+def test_zero_copy_protocol_gets_the_mbufs(net, tmp_path):
+    """A ZeroCopyProtocol on the stack gets kbloop.Buffers over the mbufs the segments arrived
+    in (no copy), writes them back as they are, and holds the first 256 KiB for a second:
+    delivery stops at 512 held Buffers, the receive window closes, and both open again when
+    it lets go.
+    8 MiB echoed by SHA-256; afterwards no Buffer is lent and the mbufs are back."""
+    prog = script(tmp_path, "zc.py", ZERO_COPY_PROGRAM)
+    app = App([prog], net=net)
+    total = 8 << 20
+    result = kernel_client(net, ECHO_CLIENT, net.ip_a, 8000, total, 0)
+    out = json.loads(app.expect("RESULT", timeout=60))
+    assert app.wait(30) == 0, app.proc.stderr.read()[-3000:]
+    assert result == {"received": total, "same": True, "short": 0}, result
+    assert out["received"] == total and out["exc"] == "None", out
+    assert out["kinds"] == ["recv Buffer"], out
+    hold = out["hold"]
+    # While the first Buffers were held, delivery stopped at 512 of them (the rest waited in
+    # lwIP's pbufs, and the window closed); all of them were still lent out.
+    assert 256 * 1024 <= hold["received"] <= (1 << 20), hold
+    assert hold["lent_now"] == hold["held"] == 512, hold
+    st = out["stats"]
+    assert st["zc_throttles"] >= 1, st
+    assert st["rx_lent_bytes"] == total and st["rx_lent_now"] == 0, st
+    assert st["tcp_segs_used"] == 0, st
+
+
+ZERO_COPY_SEND_PROGRAM = r"""
+import asyncio, gc, hashlib, json
+import kbloop
+
+TOTAL, CHUNK = 16 << 20, 64 << 10
+
+class Sender(asyncio.Protocol):
+    def connection_made(self, transport):
+        loop = asyncio.get_running_loop()
+        sent = hashlib.sha256()
+        before = loop.stats()["dpdk"]["tx_zc_bytes"]
+        for i in range(TOTAL // CHUNK):
+            buf = loop.alloc_buffer(CHUNK)
+            pattern = hashlib.sha256(b"%d" % i).digest() * (CHUNK // 32)
+            memoryview(buf)[:] = pattern
+            sent.update(pattern)
+            transport.write(buf)
+        # Closed at once: most of the data is still queued, in lwIP or in the transport.
+        transport.close()
+        done.set_result((sent.hexdigest(), before))
+
+async def main():
+    global done
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    server = await loop.create_server(Sender, None, 8000)
+    print("listening", flush=True)
+    digest, before = await done
+    server.close()
+    for _ in range(300):        # until lwIP has sent it all and the Buffers are back
+        st = loop.stats()["dpdk"]
+        if st["tx_lingering"] == 0 and st["tx_held"] == 0 and st["tcp_active"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    gc.collect()
+    st = loop.stats()
+    print("RESULT " + json.dumps({
+        "sha256": digest, "zc_bytes": st["dpdk"]["tx_zc_bytes"] - before,
+        "zc_tx": st["dpdk"]["zc_tx"], "lingering": st["dpdk"]["tx_lingering"],
+        "lingered": st["dpdk"]["tx_lingered"],
+        "held": st["dpdk"]["tx_held"], "inflight": st["dpdk"]["tx_zc_inflight"],
+        "pool_in_use": st["pool"]["in_use_bytes"] if "pool" in st else None,
+        "mbufs_in_use": st["dpdk"]["mbufs_in_use"]}), flush=True)
+
+kbloop.run(main())
+"""
+
+KERNEL_READ_ALL = r"""
+import hashlib, json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+got, n = hashlib.sha256(), 0
+while True:
+    chunk = s.recv(1 << 20)
+    if not chunk:
+        break
+    got.update(chunk); n += len(chunk)
+print(json.dumps({"received": n, "sha256": got.hexdigest()}))
+"""
+
+
+def test_zero_copy_sends_from_pool_buffers(net, tmp_path):
+    """Pool Buffers written to a stack connection go out without a copy: lwIP references them
+    (no-copy write) and each frame carries their memory as an external mbuf.  16 MiB written
+    as 64 KiB Buffers and the transport closed at once: the kernel client gets every byte
+    (SHA-256) and the FIN after them, and then the loop holds none of the Buffers."""
+    prog = script(tmp_path, "zcsend.py", ZERO_COPY_SEND_PROGRAM)
+    app = App([prog], net=net)
+    result = kernel_client(net, KERNEL_READ_ALL, net.ip_a, 8000)
+    out = json.loads(app.expect("RESULT", timeout=60))
+    assert app.wait(30) == 0, app.proc.stderr.read()[-3000:]
+    assert result == {"received": 16 << 20, "sha256": out["sha256"]}, (result, out)
+    assert out["zc_tx"] == 1, out
+    # the data went out from the Buffers (pieces under 256 bytes, where a segment spans two
+    # Buffers, are copied: an mbuf of their own would cost more)
+    assert (16 << 20) * 0.99 <= out["zc_bytes"], out
+    # closed with data in lwIP's queues: the socket lingered until the peer acknowledged it
+    assert out["lingered"] == 1, out
+    assert out["lingering"] == 0 and out["held"] == 0 and out["inflight"] == 0, out
+    assert out["pool_in_use"] == 0, out
+
+
 # ------------------------------------------------------------------ UDP
 
 UDP_PROGRAM = r"""

@@ -63,13 +63,15 @@ cdef class _Slab:
 
 
 cdef class _Chunk:
-    """A piece of a slab lent out; gives it back when the last Buffer over it is gone."""
+    """A piece of a slab lent out, or a device's receive buffer (slab None: DPDK's mbufs);
+    gives it back when the last Buffer over it is gone."""
     cdef:
         _Slab slab
         object home             # BufferPool (CHUNK_POOL) or the Datapath (CHUNK_RECV)
         ChunkHome kind
         uint32_t number         # chunk number in the slab (= buffer id in the receive ring)
-        object holder           # CHUNK_RECV: the transport whose receive filled it
+        uintptr_t token         # CHUNK_RECV: the device's own handle (DPDK: the pbuf)
+        object holder           # CHUNK_RECV: the transport (or socket) whose receive filled it
 
     def __dealloc__(self):
         if self.home is None:
@@ -77,7 +79,7 @@ cdef class _Chunk:
         if self.kind == CHUNK_POOL:
             (<BufferPool>self.home)._put(self.slab, self.number)
         else:
-            (<Datapath>self.home).recv_buffer_returned(self.number, self.holder)
+            (<Datapath>self.home).recv_buffer_returned(self.number, self.token, self.holder)
 
 
 cdef Buffer _new_buffer(_Chunk chunk, char *ptr, Py_ssize_t length):

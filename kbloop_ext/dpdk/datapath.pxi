@@ -42,11 +42,11 @@ cdef extern from "kb_dpdk.h":
         void (*events_clear)()
         kb_conn *(*tcp_listen)(uint32_t ip, uint16_t port, int backlog, int *err)
         kb_conn *(*tcp_connect)(uint32_t ip, uint16_t port, int *err)
-        long (*tcp_write)(kb_conn *c, const void *data, size_t len, int more)
+        long (*tcp_write)(kb_conn *c, const void *data, size_t len, int flags)
         int (*tcp_output)(kb_conn *c)
         void (*tcp_recved)(kb_conn *c, uint32_t len)
         int (*tcp_shutdown_write)(kb_conn *c)
-        int (*tcp_close)(kb_conn *c)
+        int (*tcp_close)(kb_conn *c, int linger)
         void (*tcp_abort)(kb_conn *c)
         void (*conn_release)(kb_conn *c)
         int (*tcp_addrs)(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip,
@@ -59,7 +59,10 @@ cdef extern from "kb_dpdk.h":
         int (*udp_connect)(kb_conn *c, uint32_t ip, uint16_t port)
         int (*udp_sendto)(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port)
         size_t (*pbuf_copy)(pbuf *p, void *dst, size_t len)
+        pbuf *(*pbuf_detach)(pbuf *p, const void **payload, size_t *len)
+        uint32_t (*zc_tx_inflight)()
     enum:
+        KB_WRITE_MORE, KB_WRITE_NOCOPY
         KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR,
         KB_EV_DGRAM
         KB_DPDK_API_VERSION
@@ -86,6 +89,11 @@ cdef int LATER_DGRAM_SENT = 5
 # Datagrams kept for an endpoint that is not reading: past this many, new ones are dropped
 # (counted), as a full socket receive buffer drops them.
 cdef Py_ssize_t DGRAM_QUEUE_MAX = 4096
+# Received segments a ZeroCopyProtocol may hold (as Buffers over the mbufs) before its
+# connection stops delivering; it resumes once half are back.  Their room in the receive
+# window comes back only as they do, so the peer stops too (at 1 MiB, the window); the limit
+# also bounds the mbufs a connection of small segments can pin.
+cdef Py_ssize_t ZC_HOLD_LIMIT = 512
 
 
 cdef object _lwip_oserror(int err, bint connecting):
@@ -138,12 +146,18 @@ cdef class StackSocket:
         list out                 # the send batch being copied into lwIP
         Py_ssize_t out_i, out_off, out_total
         object dgrams            # UDP: (bytes, address) received, not delivered yet
+        Py_ssize_t zc_held_bytes # received bytes lent as Buffers and not returned yet
+        object unacked           # (end offset, Buffer) written without a copy, not acked yet
+        uint64_t tx_queued       # bytes handed to lwIP, and acknowledged by the peer
+        uint64_t tx_acked
+        kb_conn *linger_c        # closed, with no-copy data still in lwIP's queues
 
     def __cinit__(self):
         self.family = AF_INET
         self.type = SOCK_STREAM
         self.proto = IPPROTO_TCP
         self.rx = []
+        self.unacked = collections.deque()
 
     def __repr__(self):
         state = 'closed' if self.dp is None else ('listening' if self._listening else 'open')
@@ -242,6 +256,9 @@ _next_stack_fileno = itertools.count(1)
 _dpdk_stack = None
 _dpdk_stack_config = None
 _dpdk_stack_user = None     # the open DpdkDatapath using it
+# Closed sockets whose no-copy data lwIP still references, and acknowledged Buffers the device
+# may still hold, left by a loop that closed: kept alive for the next loop (or the exit).
+_dpdk_orphans = (set(), [])
 
 
 def _close_dpdk_stack():
@@ -265,9 +282,15 @@ cdef class DpdkDatapath(Datapath):
         set bound_ports
         list later               # (kind, sock, value) completions for the end of poll()
         list rx_ready            # sockets that received something in this poll
+        list returned            # (pbuf, length, socket) of lent Buffers that came back
+        bint zc_tx               # the device sends Buffers without a copy (external mbufs)
+        set lingering            # closed StackSockets whose no-copy data lwIP still sends
+        list tx_retired          # Buffers acknowledged, kept until the device let go of them
         int next_port
         bint opened
         uint64_t n_events, n_rx_bytes, n_tx_bytes, n_dgrams_dropped
+        uint64_t n_rx_lent, n_rx_lent_bytes, n_zc_throttles, n_lingered
+        Py_ssize_t lent_now      # Buffers lent to ZeroCopyProtocols and not back yet
 
     def __init__(self, eal_args, int port, str ip, str netmask, str gateway, BufferPool pool):
         global _dpdk_stack, _dpdk_stack_config, _dpdk_stack_user
@@ -277,6 +300,9 @@ cdef class DpdkDatapath(Datapath):
         self.bound_ports = set()
         self.later = []
         self.rx_ready = []
+        self.returned = []
+        self.lingering = set()
+        self.tx_retired = []
         self.next_port = EPHEMERAL_LISTEN_FIRST
         try:
             from kbloop_ext.dpdk import stack as stack_module
@@ -312,6 +338,14 @@ cdef class DpdkDatapath(Datapath):
         self.stack = _dpdk_stack
         self.ip, self.netmask, self.gateway = ip, netmask, gateway
         self.ip_be, self.mask_be, self.gw_be = _ip4_be(ip), _ip4_be(netmask), _ip4_be(gateway)
+        self.zc_tx = bool(self.stack.stats()['zc_tx'])
+        # What an earlier loop left in lwIP's queues: it goes on here.
+        self.lingering.update(_dpdk_orphans[0])
+        self.tx_retired.extend(_dpdk_orphans[1])
+        _dpdk_orphans[0].clear()
+        _dpdk_orphans[1].clear()
+        for s in self.lingering:
+            (<StackSocket>s).dp = self
         _dpdk_stack_user = self
         self.opened = True
 
@@ -496,9 +530,23 @@ cdef class DpdkDatapath(Datapath):
             s.connect_fut = None
         if c is not NULL:
             s.c = NULL
-            self.api.tcp_close(c)
-            self.api.conn_release(c)
+            # Data lent to the application as Buffers has been read, as far as the peer is
+            # concerned: without this lwIP would answer the close with a RST (unread data).
+            if s.zc_held_bytes:
+                self.api.tcp_recved(c, <uint32_t>s.zc_held_bytes)
             self.socks.pop(s._fileno, None)
+            if s.unacked and self.api.tcp_close(c, 1) == 1:
+                # lwIP still sends no-copy data from the application's Buffers: they are
+                # kept (and the connection's acknowledgements followed) until it is done.
+                s.linger_c = c
+                self.lingering.add(s)
+                self.n_lingered += 1
+            else:
+                if s.unacked:       # reset instead: lwIP let go of the data
+                    self._end_linger(s)
+                else:
+                    self.api.tcp_close(c, 0)
+                self.api.conn_release(c)
         if s.type == SOCK_STREAM and s._local is not None and (s._listening or s._peer is None):
             self.bound_ports.discard(s._local[1])
             s._listening = False
@@ -554,17 +602,22 @@ cdef class DpdkDatapath(Datapath):
         """Copy as much of the send batch into lwIP as its send buffer takes."""
         cdef Py_buffer view
         cdef long n
-        cdef bint full = False
+        cdef int flags
+        cdef bint full = False, nocopy
         cdef list out = s.out
         cdef Py_ssize_t count = len(out)
         if s.c is NULL:
             return
         while s.out_i < count:
-            PyObject_GetBuffer(out[s.out_i], &view, PyBUF_SIMPLE)
+            item = out[s.out_i]
+            # A kbloop.Buffer is lent to lwIP instead of copied: held here until acknowledged.
+            nocopy = self.zc_tx and type(item) is Buffer
+            flags = (KB_WRITE_MORE if s.out_i + 1 < count else 0) | (KB_WRITE_NOCOPY if nocopy else 0)
+            PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
             try:
                 while s.out_off < view.len:
                     n = self.api.tcp_write(s.c, <char *>view.buf + s.out_off,
-                                           view.len - s.out_off, s.out_i + 1 < count)
+                                           view.len - s.out_off, flags)
                     if n < 0:
                         s.out = None
                         self.later.append((LATER_SEND_ERROR, s, _lwip_oserror(n, False)))
@@ -573,6 +626,9 @@ cdef class DpdkDatapath(Datapath):
                         full = True     # the send buffer is full: acknowledgements make room
                         break
                     s.out_off += n
+                    s.tx_queued += n
+                    if nocopy:
+                        s.unacked.append((s.tx_queued, item))
             finally:
                 PyBuffer_Release(&view)
             if full:
@@ -603,6 +659,10 @@ cdef class DpdkDatapath(Datapath):
         cdef kb_event ev
         if not self.opened:
             return 0
+        if self.returned:
+            self._take_back_returned()
+        if self.tx_retired and self.api.zc_tx_inflight() == 0:
+            self.tx_retired = []    # the device has let go of every external mbuf
         self.api.poll()
         try:
             while True:
@@ -658,6 +718,9 @@ cdef class DpdkDatapath(Datapath):
                 s.rx_marked = True
                 self.rx_ready.append(s)
         elif kind == KB_EV_SENT:
+            s.tx_acked += ev.len
+            if s.unacked:
+                self._retire_acked(s)
             if s.out is not None:
                 self._push(s)
         elif kind == KB_EV_CONNECTED:
@@ -687,9 +750,31 @@ cdef class DpdkDatapath(Datapath):
             s.rx_marked = True
             self.rx_ready.append(s)
 
+    cdef _retire_acked(self, StackSocket s):
+        """No-copy data the peer acknowledged: lwIP is done with it (the device may not be:
+        tx_retired keeps it until then).  A lingering socket whose data is all acknowledged
+        is let go."""
+        cdef object unacked = s.unacked
+        while unacked and <uint64_t>unacked[0][0] <= s.tx_acked:
+            self.tx_retired.append(unacked.popleft()[1])
+        if not unacked and s.linger_c is not NULL:
+            self._end_linger(s)
+
+    cdef _end_linger(self, StackSocket s):
+        while s.unacked:
+            self.tx_retired.append(s.unacked.popleft()[1])
+        if s.linger_c is not NULL:
+            self.api.conn_release(s.linger_c)
+            s.linger_c = NULL
+        self.lingering.discard(s)
+
     cdef _on_conn_error(self, StackSocket s, int err):
         """lwIP has freed the connection (RST, or it gave up retransmitting)."""
         cdef StreamCore t
+        if s.unacked or s.linger_c is not NULL:
+            self._end_linger(s)     # lwIP dropped its references to no-copy data
+            if s.c is NULL:
+                return
         fut = s.connect_fut
         s.connect_fut = None
         exc = _lwip_oserror(err, fut is not None)
@@ -723,8 +808,11 @@ cdef class DpdkDatapath(Datapath):
         cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
         if t is None:
             return
-        while s.rx and t._recv_armed and not t._recv_stopping:
-            self._deliver(s, t)
+        while s.rx and t._recv_armed and not t._recv_stopping and not t._throttled:
+            if t._zero_copy:
+                self._lend(s, t)
+            else:
+                self._deliver(s, t)
         if s.rx or not t._recv_armed or t._recv_stopping:
             return
         if s.rx_error is not None:
@@ -778,6 +866,67 @@ cdef class DpdkDatapath(Datapath):
             if s.c is not NULL:
                 self.api.tcp_recved(s.c, total)
 
+    cdef _lend(self, StackSocket s, StreamCore t):
+        """A ZeroCopyProtocol's data: each received piece (one segment's payload, in the
+        mbuf it arrived in) lent as a Buffer, without a copy.  Its room in the receive window
+        comes back when the Buffer does (recv_buffer_returned)."""
+        cdef pbuf *p = <pbuf *><uintptr_t>s.rx.pop(0)
+        cdef pbuf *piece
+        cdef const void *payload
+        cdef size_t n
+        cdef _Chunk chunk
+        while p is not NULL:
+            piece = p
+            p = self.api.pbuf_detach(piece, &payload, &n)
+            if n == 0:
+                self.api.pbuf_free(piece)
+                continue
+            chunk = _Chunk.__new__(_Chunk)
+            chunk.home = self
+            chunk.kind = CHUNK_RECV
+            chunk.number = <uint32_t>n
+            chunk.token = <uintptr_t>piece
+            chunk.holder = s
+            s.zc_held_bytes += n
+            self.lent_now += 1
+            t._bufs_held += 1
+            self.n_rx_lent += 1
+            self.n_rx_lent_bytes += n
+            if t._bufs_held >= ZC_HOLD_LIMIT and not t._throttled:
+                t._throttled = True     # _drain stops here until half of them are back
+                self.n_zc_throttles += 1
+            t._on_buffer(_new_buffer(chunk, <char *>payload, n))
+
+    cdef void recv_buffer_returned(self, uint32_t number, uintptr_t token, object holder) noexcept:
+        # Queued for the loop's next poll: the last reference may go in any thread, and lwIP
+        # is single-threaded.  A loop that is gone (or a stack that is) frees it at once.
+        if self.opened:
+            self.returned.append((token, number, holder))
+            return
+        self.lent_now -= 1
+        if _dpdk_stack is not None:
+            self.api.pbuf_free(<pbuf *>token)
+
+    cdef _take_back_returned(self):
+        cdef StackSocket s
+        cdef StreamCore t
+        returned = self.returned
+        self.returned = []
+        for token, number, holder in returned:
+            s = <StackSocket>holder
+            self.api.pbuf_free(<pbuf *><uintptr_t>token)
+            self.lent_now -= 1
+            s.zc_held_bytes -= number
+            if s.c is not NULL:
+                self.api.tcp_recved(s.c, <uint32_t>number)
+            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+            if t is None:
+                continue
+            t._bufs_held -= 1
+            if t._throttled and t._bufs_held <= ZC_HOLD_LIMIT // 2:
+                t._throttled = False
+                self.later.append((LATER_DRAIN, s, None))
+
     cdef _run_later(self):
         cdef list todo
         cdef StackSocket s
@@ -812,6 +961,8 @@ cdef class DpdkDatapath(Datapath):
         cdef StackSocket s
         if not self.opened:
             return
+        if self.returned:
+            self._take_back_returned()
         for s in list(self.socks.values()):
             if s.c is not NULL:
                 self.api.tcp_abort(s.c)
@@ -822,6 +973,10 @@ cdef class DpdkDatapath(Datapath):
             self.api.events_clear()
         except BaseException:
             pass
+        _dpdk_orphans[0].update(self.lingering)
+        _dpdk_orphans[1].extend(self.tx_retired)
+        self.lingering = set()
+        self.tx_retired = []
         self.opened = False
         if _dpdk_stack_user is self:
             _dpdk_stack_user = None
@@ -833,4 +988,12 @@ cdef class DpdkDatapath(Datapath):
         d['socket_tx_bytes'] = self.n_tx_bytes
         d['sockets'] = len(self.socks)
         d['datagrams_dropped'] = self.n_dgrams_dropped
+        d['rx_lent'] = self.n_rx_lent
+        d['rx_lent_bytes'] = self.n_rx_lent_bytes
+        d['rx_lent_now'] = self.lent_now
+        d['zc_throttles'] = self.n_zc_throttles
+        d['tx_lingering'] = len(self.lingering)
+        d['tx_lingered'] = self.n_lingered
+        d['tx_held'] = len(self.tx_retired) + sum(len((<StackSocket>s).unacked)
+                                                    for s in self.socks.values())
         return d

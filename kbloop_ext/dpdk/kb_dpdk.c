@@ -32,6 +32,7 @@
 #define KB_BURST 32
 #define KB_TXQ 256
 #define KB_HELD 8192     /* frames held back by fault injection, per direction */
+#define KB_ZC_MIN 256    /* smaller no-copy pieces are copied: an mbuf of their own costs more */
 
 /* Frames held back by fault injection: a FIFO (the delay is constant, so release order is
  * arrival order). */
@@ -57,6 +58,12 @@ static struct {
     uint64_t next_conn_id;
     uint32_t conns_live;
     kb_dpdk_stats st;
+    /* Zero-copy sends: the data of lwIP's PBUF_ROM pbufs (the application's Buffers, written
+     * with kb_tcp_write's KB_WRITE_NOCOPY and held by the loop until acknowledged) goes out
+     * as external-buffer mbufs.  One shared-info for all of them: its reference count is 1
+     * plus the external mbufs not yet freed by the device (kb_zc_tx_inflight). */
+    int zc_tx;
+    struct rte_mbuf_ext_shared_info zc_shinfo;
     struct {
         uint32_t loss_ppm, reorder_ppm, dirs;
         uint64_t delay_ns, rng;
@@ -213,18 +220,64 @@ void kb_dpdk_flush(void)
 
 /* lwIP's link output: copy the frame (a pbuf chain) into one mbuf and queue it for the next
  * burst.  Zero-copy sends of pool Buffers come later as external-buffer mbufs. */
+static void kb_zc_free(void *addr, void *opaque)
+{
+    (void)addr;
+    (void)opaque;   /* never called: the shared-info's count never drops to zero */
+}
+
+/* Appends len bytes from src to the frame, in new mbufs as needed; 0 or -1 (no mbuf). */
+static int kb_frame_copy(struct rte_mbuf *head, struct rte_mbuf **tail, const char *src,
+                         size_t len)
+{
+    while (len) {
+        struct rte_mbuf *t = *tail;
+        if (RTE_MBUF_HAS_EXTBUF(t) || rte_pktmbuf_tailroom(t) == 0) {
+            struct rte_mbuf *x = rte_pktmbuf_alloc(S.pool);
+            if (x == NULL)
+                return -1;
+            t->next = x;
+            head->nb_segs++;
+            *tail = t = x;
+        }
+        size_t n = rte_pktmbuf_tailroom(t);
+        if (n > len)
+            n = len;
+        memcpy(rte_pktmbuf_mtod_offset(t, char *, t->data_len), src, n);
+        t->data_len += n;
+        head->pkt_len += n;
+        src += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* lwIP's frame out: headers (and data lwIP copied) are copied into mbufs; the data of
+ * no-copy writes is attached to the frame as external buffers, without a copy. */
 static err_t kb_linkoutput(struct netif *nif, struct pbuf *p)
 {
     (void)nif;
-    struct rte_mbuf *m = rte_pktmbuf_alloc(S.pool);
+    struct rte_mbuf *m = rte_pktmbuf_alloc(S.pool), *tail = m;
     if (m == NULL)
         return ERR_MEM;
-    char *dst = rte_pktmbuf_append(m, p->tot_len);
-    if (dst == NULL) {
-        rte_pktmbuf_free(m);
-        return ERR_BUF;
+    for (struct pbuf *q = p; q != NULL; q = q->next) {
+        if (S.zc_tx && q->type_internal == PBUF_ROM && q->len >= KB_ZC_MIN) {
+            struct rte_mbuf *x = rte_pktmbuf_alloc(S.pool);
+            if (x == NULL)
+                goto nomem;
+            rte_mbuf_ext_refcnt_update(&S.zc_shinfo, 1);
+            rte_pktmbuf_attach_extbuf(x, q->payload, (rte_iova_t)(uintptr_t)q->payload, q->len,
+                                      &S.zc_shinfo);
+            x->data_len = q->len;
+            tail->next = x;
+            tail = x;
+            m->nb_segs++;
+            m->pkt_len += q->len;
+            S.st.tx_zc_bytes += q->len;
+        } else if (kb_frame_copy(m, &tail, q->payload, q->len) < 0) {
+            goto nomem;
+        }
     }
-    pbuf_copy_partial(p, dst, p->tot_len, 0);
     S.st.tx_bytes += p->tot_len;
     if ((S.faults.loss_ppm || S.faults.delay_ns) && (S.faults.dirs & 2)
         && !fault_filter(&S.faults.tx, m))
@@ -233,6 +286,9 @@ static err_t kb_linkoutput(struct netif *nif, struct pbuf *p)
     if (S.ntx == KB_TXQ)
         kb_dpdk_flush();
     return ERR_OK;
+nomem:
+    rte_pktmbuf_free(m);
+    return ERR_MEM;
 }
 
 static err_t kb_netif_init(struct netif *nif)
@@ -291,6 +347,21 @@ int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
     uint16_t nrx = cfg->nb_rx_desc ? cfg->nb_rx_desc : 1024;
     uint16_t ntx = cfg->nb_tx_desc ? cfg->nb_tx_desc : 1024;
     int sock = rte_eth_dev_socket_id(S.port);
+    /* Zero-copy sends need frames of several segments (a header mbuf, then the data's) and
+     * the data's address as the device sees it: its virtual address in IOVA-as-VA mode.
+     * DPDK 22.11's af_xdp takes one segment only, so it gets copies.  KBLOOP_DPDK_ZC_TX=0
+     * turns it off. */
+    struct rte_eth_dev_info info;
+    const char *zc_env = getenv("KBLOOP_DPDK_ZC_TX");
+    S.zc_tx = rte_eth_dev_info_get(S.port, &info) == 0
+              && (info.tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS)
+              && rte_eal_iova_mode() == RTE_IOVA_VA
+              && !(zc_env && zc_env[0] == '0');
+    if (S.zc_tx)
+        conf.txmode.offloads |= RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+    S.zc_shinfo.free_cb = kb_zc_free;
+    S.zc_shinfo.fcb_opaque = NULL;
+    rte_mbuf_ext_refcnt_set(&S.zc_shinfo, 1);
     if ((rc = rte_eth_dev_configure(S.port, 1, 1, &conf)) < 0) { what = "configure"; goto fail_port; }
     if ((rc = rte_eth_dev_adjust_nb_rx_tx_desc(S.port, &nrx, &ntx)) < 0) { what = "descriptors"; goto fail_port; }
     if ((rc = rte_eth_rx_queue_setup(S.port, 0, nrx, sock, NULL, S.pool)) < 0) { what = "rx queue"; goto fail_port; }
@@ -600,7 +671,7 @@ kb_conn *kb_tcp_connect(uint32_t ip, uint16_t port, int *err)
     return c;
 }
 
-long kb_tcp_write(kb_conn *c, const void *data, size_t len, int more)
+long kb_tcp_write(kb_conn *c, const void *data, size_t len, int flags)
 {
     if (c->pcb == NULL || c->listening)
         return ERR_CONN;
@@ -609,8 +680,9 @@ long kb_tcp_write(kb_conn *c, const void *data, size_t len, int more)
     if (n > 0xffff) n = 0xffff;     /* tcp_write takes a u16_t length */
     if (n == 0)
         return 0;
-    u8_t flags = TCP_WRITE_FLAG_COPY | (more || n < len ? TCP_WRITE_FLAG_MORE : 0);
-    err_t e = tcp_write(c->pcb, data, (u16_t)n, flags);
+    u8_t wflags = ((flags & KB_WRITE_NOCOPY) ? 0 : TCP_WRITE_FLAG_COPY)
+                  | ((flags & KB_WRITE_MORE) || n < len ? TCP_WRITE_FLAG_MORE : 0);
+    err_t e = tcp_write(c->pcb, data, (u16_t)n, wflags);
     if (e == ERR_MEM)   /* too many segments queued: try again after some are acknowledged */
         return 0;
     return e == ERR_OK ? (long)n : e;
@@ -641,18 +713,26 @@ int kb_tcp_shutdown_write(kb_conn *c)
     return c->pcb ? tcp_shutdown(c->pcb, 0, 1) : ERR_CONN;
 }
 
-int kb_tcp_close(kb_conn *c)
+int kb_tcp_close(kb_conn *c, int linger)
 {
     c->closed = 1;
     struct tcp_pcb *pcb = c->pcb;
     if (pcb == NULL)
         return ERR_OK;
-    kb_detach(c);
+    if (linger) {
+        /* lwIP still sends data that references the caller's memory: keep reporting
+         * acknowledgements (KB_EV_SENT) and the pcb's end (KB_EV_ERROR) until released.
+         * Data that arrives meanwhile is dropped by lwIP (no receive callback). */
+        tcp_recv(pcb, NULL);
+    } else {
+        kb_detach(c);
+    }
     if (tcp_close(pcb) != ERR_OK) {   /* no memory for the FIN: reset instead */
+        kb_detach(c);
         tcp_abort(pcb);
         return ERR_ABRT;
     }
-    return ERR_OK;
+    return linger ? 1 : ERR_OK;
 }
 
 void kb_tcp_abort(kb_conn *c)
@@ -677,7 +757,9 @@ void kb_conn_release(kb_conn *c)
         udp_remove(c->upcb);
         c->upcb = NULL;
     }
-    if (c->pcb != NULL)
+    if (c->pcb != NULL && c->closed)
+        kb_detach(c);       /* closed with linger: the close goes on in lwIP */
+    else if (c->pcb != NULL)
         kb_tcp_abort(c);
     c->released = 1;
     kb_conn_free_if_done(c);
@@ -816,6 +898,8 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     for (int i = 0; i < MEMP_MAX; i++)
         errs += lwip_stats.memp[i]->err;
     st->lwip_errors = errs;
+    st->tx_zc_inflight = rte_mbuf_ext_refcnt_read(&S.zc_shinfo) - 1;
+    st->zc_tx = S.zc_tx;
 }
 
 const char *kb_lwip_strerr(int err)
@@ -858,6 +942,26 @@ struct pbuf *kb_pbuf_segment(struct pbuf *p, const void **payload, size_t *len)
     return p->next;
 }
 
+struct pbuf *kb_pbuf_detach(struct pbuf *p, const void **payload, size_t *len)
+{
+    /* The chain's reference to the next piece passes to the caller with it (lwIP chains
+     * received data with pbuf_cat, which does not take a reference of its own). */
+    struct pbuf *next = p->next;
+    p->next = NULL;
+    p->tot_len = p->len;
+    *payload = p->payload;
+    *len = p->len;
+    return next;
+}
+
+uint32_t kb_zc_tx_inflight(void)
+{
+    uint32_t n = rte_mbuf_ext_refcnt_read(&S.zc_shinfo) - 1;
+    if (n && S.started)     /* a real NIC frees sent mbufs lazily: ask it now */
+        rte_eth_tx_done_cleanup(S.port, 0, 0);
+    return rte_mbuf_ext_refcnt_read(&S.zc_shinfo) - 1;
+}
+
 const kb_dpdk_api kb_dpdk_api_table = {
     .version = KB_DPDK_API_VERSION,
     .poll = kb_dpdk_poll,
@@ -881,4 +985,6 @@ const kb_dpdk_api kb_dpdk_api_table = {
     .udp_connect = kb_udp_connect,
     .udp_sendto = kb_udp_sendto,
     .pbuf_copy = kb_pbuf_copy,
+    .pbuf_detach = kb_pbuf_detach,
+    .zc_tx_inflight = kb_zc_tx_inflight,
 };

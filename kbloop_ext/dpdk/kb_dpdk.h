@@ -67,6 +67,9 @@ typedef struct kb_dpdk_stats {
     /* lwIP's own drop counters: TCP segments dropped (all causes), with a bad checksum, a
      * protocol error or for want of memory; IP packets dropped; frames dropped by the link */
     uint32_t tcp_drop, tcp_chkerr, tcp_proterr, tcp_memerr, ip_drop, link_drop;
+    uint64_t tx_zc_bytes;    /* bytes sent from the application's memory (external mbufs) */
+    uint32_t tx_zc_inflight; /* external mbufs the device holds now */
+    int zc_tx;               /* zero-copy sends on (the device takes multi-segment frames) */
 } kb_dpdk_stats;
 
 /* Returns 0, or -1 with a message in errbuf. */
@@ -97,14 +100,22 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st);
 /* TCP on lwIP's raw API.  Return 0 or a negative lwIP err_t. */
 kb_conn *kb_tcp_listen(uint32_t ip, uint16_t port, int backlog, int *err);
 kb_conn *kb_tcp_connect(uint32_t ip, uint16_t port, int *err);
-/* Queue up to len bytes (copied into lwIP's segments); returns bytes taken (>= 0; 0 when the
- * send buffer is full) or a negative err_t. */
-long kb_tcp_write(kb_conn *c, const void *data, size_t len, int more);
+/* Queue up to len bytes; returns bytes taken (>= 0; 0 when the send buffer is full) or a
+ * negative err_t.  Copied into lwIP's segments, or with KB_WRITE_NOCOPY referenced: the
+ * memory must then stay valid until acknowledged (KB_EV_SENT) or the connection is gone,
+ * and until kb_zc_tx_inflight() says the device let go of it. */
+enum { KB_WRITE_MORE = 1, KB_WRITE_NOCOPY = 2 };
+long kb_tcp_write(kb_conn *c, const void *data, size_t len, int flags);
+/* External-buffer mbufs (no-copy data) the device has not freed yet. */
+uint32_t kb_zc_tx_inflight(void);
 int kb_tcp_output(kb_conn *c);
 size_t kb_tcp_sndbuf(kb_conn *c);
 void kb_tcp_recved(kb_conn *c, uint32_t len);
 int kb_tcp_shutdown_write(kb_conn *c);
-int kb_tcp_close(kb_conn *c);      /* graceful; falls back to abort when lwIP has no memory */
+/* Graceful; falls back to abort when lwIP has no memory (returns ERR_ABRT).  linger: no-copy
+ * data is still queued, so keep reporting KB_EV_SENT and KB_EV_ERROR for c until
+ * kb_conn_release; returns 1 when it does (0: the connection was gone already). */
+int kb_tcp_close(kb_conn *c, int linger);
 void kb_tcp_abort(kb_conn *c);
 void kb_conn_release(kb_conn *c);  /* the Cython side is done with c */
 int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport);
@@ -128,6 +139,9 @@ void kb_tcp_set_nodelay(kb_conn *c, int on);
 void kb_tcp_set_keepalive(kb_conn *c, int on);
 /* One piece of a pbuf chain: its payload and length; returns the next piece or NULL. */
 struct pbuf *kb_pbuf_segment(struct pbuf *p, const void **payload, size_t *len);
+/* The same, but cuts the first piece off the chain: both are then the caller's to free (a
+ * piece of received data lent to the application on its own). */
+struct pbuf *kb_pbuf_detach(struct pbuf *p, const void **payload, size_t *len);
 
 /* Closed-loop echo load on this stack (kb_echo_load.c, for bench/dpdk_echo_load.py):
  * nconns connections to ip:port exchange size-byte messages for warmup + seconds.
@@ -144,7 +158,7 @@ int kb_echo_load(uint32_t ip, uint16_t port, int nconns, size_t size, double sec
  * this header for the types and calls through the table, so it has no link-time dependency
  * on DPDK or lwIP and loads on machines without them. */
 #define KB_DPDK_API_CAPSULE "kbloop_ext.dpdk.stack._C_API"
-#define KB_DPDK_API_VERSION 3
+#define KB_DPDK_API_VERSION 4
 typedef struct kb_dpdk_api {
     int version;
     int (*poll)(void);
@@ -152,11 +166,11 @@ typedef struct kb_dpdk_api {
     void (*events_clear)(void);
     kb_conn *(*tcp_listen)(uint32_t ip, uint16_t port, int backlog, int *err);
     kb_conn *(*tcp_connect)(uint32_t ip, uint16_t port, int *err);
-    long (*tcp_write)(kb_conn *c, const void *data, size_t len, int more);
+    long (*tcp_write)(kb_conn *c, const void *data, size_t len, int flags);
     int (*tcp_output)(kb_conn *c);
     void (*tcp_recved)(kb_conn *c, uint32_t len);
     int (*tcp_shutdown_write)(kb_conn *c);
-    int (*tcp_close)(kb_conn *c);
+    int (*tcp_close)(kb_conn *c, int linger);
     void (*tcp_abort)(kb_conn *c);
     void (*conn_release)(kb_conn *c);
     int (*tcp_addrs)(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport);
@@ -168,6 +182,8 @@ typedef struct kb_dpdk_api {
     int (*udp_connect)(kb_conn *c, uint32_t ip, uint16_t port);
     int (*udp_sendto)(kb_conn *c, const void *data, size_t len, uint32_t ip, uint16_t port);
     size_t (*pbuf_copy)(struct pbuf *p, void *dst, size_t len);
+    struct pbuf *(*pbuf_detach)(struct pbuf *p, const void **payload, size_t *len);
+    uint32_t (*zc_tx_inflight)(void);
 } kb_dpdk_api;
 
 extern const kb_dpdk_api kb_dpdk_api_table;

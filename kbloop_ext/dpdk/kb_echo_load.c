@@ -162,7 +162,7 @@ int kb_echo_load(uint32_t ip, uint16_t port, int nconns, size_t size, double sec
     for (int i = 0; i < nconns; i++) {
         if (conns[i].c) {
             conns[i].c->owner = NULL;
-            kb_tcp_close(conns[i].c);
+            kb_tcp_close(conns[i].c, 0);
             kb_conn_release(conns[i].c);
         }
     }

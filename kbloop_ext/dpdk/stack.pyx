@@ -52,6 +52,9 @@ cdef extern from "kb_dpdk.h" nogil:
         uint64_t fault_dropped, fault_delayed, fault_reordered
         uint32_t fault_held
         uint32_t tcp_drop, tcp_chkerr, tcp_proterr, tcp_memerr, ip_drop, link_drop
+        uint64_t tx_zc_bytes
+        uint32_t tx_zc_inflight
+        int zc_tx
 
     enum:
         KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR
@@ -70,12 +73,12 @@ cdef extern from "kb_dpdk.h" nogil:
 
     kb_conn *kb_tcp_listen(uint32_t ip, uint16_t port, int backlog, int *err)
     kb_conn *kb_tcp_connect(uint32_t ip, uint16_t port, int *err)
-    long kb_tcp_write(kb_conn *c, const void *data, size_t len, int more)
+    long kb_tcp_write(kb_conn *c, const void *data, size_t len, int flags)
     int kb_tcp_output(kb_conn *c)
     size_t kb_tcp_sndbuf(kb_conn *c)
     void kb_tcp_recved(kb_conn *c, uint32_t len)
     int kb_tcp_shutdown_write(kb_conn *c)
-    int kb_tcp_close(kb_conn *c)
+    int kb_tcp_close(kb_conn *c, int linger)
     void kb_tcp_abort(kb_conn *c)
     void kb_conn_release(kb_conn *c)
     int kb_tcp_addrs(kb_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport)
@@ -175,7 +178,7 @@ cdef class TcpConn:
     def close(self):
         """Graceful close (FIN); the connection is released."""
         if self.c is not NULL:
-            kb_tcp_close(self.c)
+            kb_tcp_close(self.c, 0)
             kb_conn_release(self.c)
             self.c = NULL
 

@@ -802,7 +802,7 @@ cdef class UringDatapath(Datapath):
             self.n_throttles += 1
         return _new_buffer(chunk, kb_buf_ptr(&self.r, bid), res)
 
-    cdef void recv_buffer_returned(self, uint32_t number, object holder) noexcept:
+    cdef void recv_buffer_returned(self, uint32_t number, uintptr_t token, object holder) noexcept:
         cdef StreamCore t = <StreamCore>holder
         self.lent_now -= 1
         t._bufs_held -= 1
