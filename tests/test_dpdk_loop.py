@@ -6,6 +6,7 @@ Linux kernel's stack as the peer (ping, curl, Python sockets).  memif joins two 
 programs with no kernel in the path.  Programs report in tagged JSON lines (tests/childproc.py).
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -387,6 +388,80 @@ def test_slow_reader_reset_and_many_connections_leak_nothing(net, tmp_path):
     assert stats["mbufs_in_use"] <= start["mbufs_in_use"] + 64, (start, stats)
     assert stats["lwip_errors"] == 0 and stats["tcp_segs_used"] == 0, json.dumps(stats)
     assert stats["tcp_established"] == 0 and stats["tcp_syn_rcvd"] == 0, stats
+
+
+KERNEL_SINK_SERVER = r"""
+import socket, sys, threading
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("READY", flush=True)
+c, _ = srv.accept()
+while c.recv(1 << 20):
+    pass
+"""
+
+VANISHING_PEER_PROGRAM = r"""
+import asyncio, json, sys, time
+import kbloop
+peer, port = sys.argv[1], int(sys.argv[2])
+
+class Sender(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.sent, self.paused, self.flowing = transport, 0, False, None
+        self.lost = asyncio.get_running_loop().create_future()
+        self.fill()
+    def fill(self):
+        while not self.paused and not self.t.is_closing():
+            self.t.write(b"x" * 65536)
+            self.sent += 65536
+            if self.flowing is None and self.sent >= 4 << 20:
+                self.flowing = time.monotonic()
+                print("FLOWING", flush=True)
+    def pause_writing(self):
+        self.paused = True
+    def resume_writing(self):
+        self.paused = False
+        asyncio.get_running_loop().call_soon(self.fill)
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    before = loop.stats()["dpdk"]
+    t, p = await loop.create_connection(Sender, peer, port)
+    exc = await p.lost
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        after = loop.stats()["dpdk"]
+        if after["sockets"] == before["sockets"] and after["conns_live"] == before["conns_live"]:
+            break
+    print("RESULT " + json.dumps({
+        "exc": type(exc).__name__, "errno": getattr(exc, "errno", None),
+        "after_flowing": round(time.monotonic() - p.flowing, 1), "closing": t.is_closing(),
+        "sockets_back": after["sockets"] == before["sockets"],
+        "conns_back": after["conns_live"] == before["conns_live"],
+        "segs": after["tcp_segs_used"]}), flush=True)
+
+kbloop.run(main())
+"""
+
+
+def test_peer_that_disappears_mid_transfer(net, tmp_path):
+    """The kernel peer's link goes down in the middle of a transfer (no RST, no FIN: it is
+    simply gone).  lwIP retransmits, gives up, and the protocol hears TimeoutError, as asyncio
+    reports a kernel connection whose retransmissions timed out; the stack's connection and
+    its queued segments are freed."""
+    server = childproc.Child(net.cmd_b(sys.executable, "-c", KERNEL_SINK_SERVER, "7300"),
+                             what="kernel sink server")
+    server.expect("READY")
+    prog = script(tmp_path, "vanish.py", VANISHING_PEER_PROGRAM)
+    app = App([prog, net.ip_b, "7300"], net=net, ready="FLOWING")
+    net.in_b("ip", "link", "set", net.if_b, "down")
+    out = json.loads(app.expect("RESULT", timeout=180))
+    assert app.wait(30) == 0, app.proc.stderr.read()[-3000:]
+    server.kill()
+    assert out["exc"] == "TimeoutError" and out["errno"] == errno.ETIMEDOUT, out
+    assert out["closing"] and out["sockets_back"] and out["conns_back"], out
+    assert out["segs"] == 0, out
 
 
 # ------------------------------------------------------------------ zero copy

@@ -42,6 +42,8 @@ typedef struct kb_held {
     unsigned head, count;
 } kb_held;
 
+struct kb_tcp_counters kb_tcp_counters;
+
 /* One stack per process (the EAL and lwIP are process-global), so the state is static. */
 static struct {
     int started;
@@ -900,6 +902,9 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     st->lwip_errors = errs;
     st->tx_zc_inflight = rte_mbuf_ext_refcnt_read(&S.zc_shinfo) - 1;
     st->zc_tx = S.zc_tx;
+    st->tcp_fast_rexmits = kb_tcp_counters.fast_rexmits;
+    st->tcp_partial_acks = kb_tcp_counters.partial_acks;
+    st->tcp_rto_rexmits = kb_tcp_counters.rto_rexmits;
 }
 
 const char *kb_lwip_strerr(int err)

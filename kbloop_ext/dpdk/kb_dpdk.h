@@ -70,6 +70,9 @@ typedef struct kb_dpdk_stats {
     uint64_t tx_zc_bytes;    /* bytes sent from the application's memory (external mbufs) */
     uint32_t tx_zc_inflight; /* external mbufs the device holds now */
     int zc_tx;               /* zero-copy sends on (the device takes multi-segment frames) */
+    /* lwIP's sender recovering from loss (our patches count them): fast retransmits, NewReno
+     * partial ACKs (a further hole resent at once), retransmission timeouts */
+    uint64_t tcp_fast_rexmits, tcp_partial_acks, tcp_rto_rexmits;
 } kb_dpdk_stats;
 
 /* Returns 0, or -1 with a message in errbuf. */

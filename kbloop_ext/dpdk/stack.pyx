@@ -55,6 +55,7 @@ cdef extern from "kb_dpdk.h" nogil:
         uint64_t tx_zc_bytes
         uint32_t tx_zc_inflight
         int zc_tx
+        uint64_t tcp_fast_rexmits, tcp_partial_acks, tcp_rto_rexmits
 
     enum:
         KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR

@@ -112,4 +112,13 @@ unsigned short kb_chksum(const void *dataptr, int len);
 
 /* LWIP_DEBUG and LWIP_NOASSERT are tested with #ifdef: never define them here. */
 
+/* Counters bumped by our patches to lwIP's TCP (lwip/patches/0002-*), reported in the stack's
+ * stats: how the sender recovered from losses. */
+struct kb_tcp_counters {
+    unsigned long fast_rexmits;   /* fast retransmits (three duplicate ACKs) */
+    unsigned long partial_acks;   /* NewReno partial ACKs: a further hole resent at once */
+    unsigned long rto_rexmits;    /* retransmission timeouts */
+};
+extern struct kb_tcp_counters kb_tcp_counters;
+
 #endif
