@@ -53,3 +53,9 @@ echo "== build kbloop"
 $PY setup.py -q build_ext --inplace >/dev/null
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >/dev/null
 $PY -c 'import kbloop; print("kbloop", kbloop.__version__, "built; default backend:", kbloop.info()["default_backend"])'
+
+# RDMA runs for real only in a QEMU guest with Debian's kernel and soft-RoCE (docs/rdma.md):
+# install QEMU and rdma-core, fetch the kernel and build the guest's initramfs once, into
+# .deps/rdma-vm (about 10 s on a fresh machine).
+echo "== prepare the RDMA test guest"
+$PY tests/rdma_vm.py --prepare
