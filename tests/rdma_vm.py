@@ -89,6 +89,10 @@ mount -t devpts devpts /host/dev/pts
 mkdir -p "/host$kb_repo" "/host$kb_run"
 mount -t 9p -o "$p9" repo "/host$kb_repo" || echo "kbvm: cannot mount $kb_repo"
 mount -t 9p -o "$p9" run "/host$kb_run" || echo "kbvm: cannot mount $kb_run"
+if [ -n "$kb_venv" ]; then
+    mkdir -p "/host$kb_venv"
+    mount -t 9p -o "$p9,ro,cache=loose" venv "/host$kb_venv" || echo "kbvm: cannot mount $kb_venv"
+fi
 chroot /host /bin/sh "$kb_run/job.sh"
 sync
 poweroff -f
@@ -134,6 +138,19 @@ busybox ip link set dummy0 up"""
 
 NET_VIRTIO = """busybox ip addr add {addr}/24 dev eth0
 busybox ip link set eth0 up"""
+
+# The guest's tmpfs folders hide the host's: a virtualenv under one of them (CI may make it
+# in /tmp) gets a share of its own, so that sys.executable runs in the guest.
+TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log")
+
+
+def _hidden_venv():
+    prefix = os.path.realpath(sys.prefix)
+    if any(prefix == d or prefix.startswith(d + "/") for d in TMPFS_DIRS) and \
+            not prefix.startswith(os.path.realpath(REPO) + "/"):
+        return prefix
+    return None
+
 
 # Host variables that make no sense in the guest.
 ENV_SKIP = {"PWD", "OLDPWD", "SHLVL", "_", "TMPDIR"}
@@ -424,6 +441,10 @@ class Guest:
                 "-virtfs", f"local,path=/,mount_tag=host,readonly=on,{share}",
                 "-virtfs", f"local,path={REPO},mount_tag=repo,{share}",
                 "-virtfs", f"local,path={self.run_dir},mount_tag=run,{share}"]
+        venv = _hidden_venv()
+        if venv:
+            args[args.index("-append") + 1] += f" kb_venv={venv}"
+            args += ["-virtfs", f"local,path={venv},mount_tag=venv,readonly=on,{share}"]
         if self.net:
             _, local, peer, mac = self.net
             args += ["-netdev", f"socket,id=n0,udp=127.0.0.1:{peer},localaddr=127.0.0.1:{local}",
