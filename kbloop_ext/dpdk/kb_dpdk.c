@@ -868,6 +868,14 @@ void kb_pbuf_free(struct pbuf *p) { pbuf_free(p); }
 
 void kb_dpdk_get_stats(kb_dpdk_stats *st)
 {
+    if (S.started) {
+        /* Some devices free sent mbufs only when they next transmit (af_xdp reaps its
+         * completion ring in tx_burst): reap now, so that mbufs_in_use counts the mbufs that
+         * are held, not frames already sent. */
+        struct rte_mbuf *none[1];
+        rte_eth_tx_done_cleanup(S.port, 0, 0);
+        rte_eth_tx_burst(S.port, 0, none, 0);
+    }
     *st = S.st;
     st->mbufs_total = S.nb_mbufs;
     st->mbufs_in_use = S.pool ? S.nb_mbufs - rte_mempool_avail_count(S.pool) : 0;
