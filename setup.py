@@ -73,16 +73,44 @@ def dpdk_extension():
     )
 
 
+def rdma_extension():
+    """kbloop_ext.rdma.verbs: RC queue pairs over libibverbs, set up by librdmacm."""
+    want = os.environ.get('KBLOOP_RDMA', 'auto')
+    if want == '0':
+        return None
+    cflags = pkg_config('--cflags', 'libibverbs', 'librdmacm')
+    libs = pkg_config('--libs', 'libibverbs', 'librdmacm')
+    if libs is None and all(os.path.exists(h) for h in ('/usr/include/infiniband/verbs.h',
+                                                        '/usr/include/rdma/rdma_cma.h')):
+        cflags, libs = [], ['-libverbs', '-lrdmacm']     # headers without .pc files
+    if libs is None:
+        why = 'libibverbs and librdmacm (apt-get install libibverbs-dev librdmacm-dev)'
+        if want == '1':
+            raise SystemExit('KBLOOP_RDMA=1 but missing: ' + why)
+        print('kbloop: RDMA datapath not built (missing ' + why + ')', file=sys.stderr)
+        return None
+    return Extension(
+        'kbloop_ext.rdma.verbs',
+        sources=['kbloop_ext/rdma/verbs.pyx', 'kbloop_ext/rdma/kb_rdma.c'],
+        include_dirs=['kbloop_ext/rdma'],
+        extra_compile_args=extra_compile + cflags,
+        extra_link_args=extra_link + libs,
+    )
+
+
 extensions = [core]
 dpdk = dpdk_extension()
 if dpdk is not None:
     extensions.append(dpdk)
+rdma = rdma_extension()
+if rdma is not None:
+    extensions.append(rdma)
 
 setup(
     name='kbloop',
     version='0.1.0',
     description='A drop-in asyncio event loop on io_uring (and, later, DPDK and RDMA)',
-    packages=['kbloop', 'kbloop_ext', 'kbloop_ext.uring', 'kbloop_ext.dpdk'],
+    packages=['kbloop', 'kbloop_ext', 'kbloop_ext.uring', 'kbloop_ext.dpdk', 'kbloop_ext.rdma'],
     python_requires='>=3.11',
     ext_modules=cythonize(extensions, language_level=3,
                           compiler_directives={'embedsignature': True},

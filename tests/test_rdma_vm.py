@@ -141,13 +141,15 @@ def test_two_guests_survivor_reports_the_lost_peer():
     # 7 is the verbs' "infinite", so a datapath that must notice a lost peer uses <= 6.)
     rdma = "ib_write_bw -d rxe0 -R --retry_count=6 -n 1000000 -s 4096"
     client_cmd = f"""
-        for i in $(seq 30); do
+        connected=
+        for i in $(seq 60); do
             stdbuf -oL {rdma} $VM_PEER >/tmp/writer.log 2>&1 &
             writer=$!
             sleep 2
-            grep -q 'remote address' /tmp/writer.log && break
+            grep -q 'remote address' /tmp/writer.log && connected=1 && break
             wait $writer
         done
+        [ -n "$connected" ] || {{ echo "never connected"; cat /tmp/writer.log; exit 3; }}
         echo writing
         wait $writer; s=$?
         cat /tmp/writer.log
