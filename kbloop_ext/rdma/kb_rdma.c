@@ -454,6 +454,17 @@ static void conn_down(conn *c)
         conn_release_memory(c);
 }
 
+/* A connection's own allocations, once its memory region and QP are gone. */
+static void conn_free(conn *c)
+{
+    free(c->rx_state);
+    free(c->rx_free);
+    free(c->slot_len);
+    free(c->slot_flags);
+    free(c->marks);
+    free(c);
+}
+
 static void conn_maybe_free(conn *c)
 {
     if (!c->released || c->state != ST_DOWN || c->rx_lent || c->pending_events || c->children
@@ -466,12 +477,7 @@ static void conn_maybe_free(conn *c)
         r->free_slots[r->nfree_slots++] = c->slot;
     }
     r->st.conns--;
-    free(c->rx_state);
-    free(c->rx_free);
-    free(c->slot_len);
-    free(c->slot_flags);
-    free(c->marks);
-    free(c);
+    conn_free(c);
 }
 
 static void mark_dirty(conn *c)
@@ -1238,12 +1244,7 @@ void kb_rdma_free(kb_rdma *r)
         c->listener = NULL;
         conn_down(c);
         conn_release_memory(c);
-        free(c->rx_state);
-        free(c->rx_free);
-        free(c->slot_len);
-        free(c->slot_flags);
-        free(c->marks);
-        free(c);
+        conn_free(c);
     }
     while (r->devs) {
         dev *d = r->devs;
