@@ -9,7 +9,8 @@ need_apt=()
 # dpdk-dev/libdpdk-dev/pkg-config/dpkg-dev: the DPDK datapath (lwIP's source is fetched below);
 # ethtool/iproute2/iputils-ping: its tests' network namespaces and kernel peers.
 for pkg in liburing-dev wrk valgrind gcc redis-server postgresql redis-tools linux-perf \
-           dpdk-dev libdpdk-dev pkg-config dpkg-dev ethtool iproute2 iputils-ping curl patch; do
+           dpdk-dev libdpdk-dev pkg-config dpkg-dev ethtool iproute2 iputils-ping curl patch \
+           libibverbs-dev librdmacm-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -50,7 +51,7 @@ echo "== pip install -r requirements-dev.txt"
 $PY -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 
 echo "== build kbloop"
-$PY setup.py -q build_ext --inplace >/dev/null
+KBLOOP_RDMA=1 $PY setup.py -q build_ext --inplace >/dev/null
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >/dev/null
 $PY -c 'import kbloop; print("kbloop", kbloop.__version__, "built; default backend:", kbloop.info()["default_backend"])'
 
