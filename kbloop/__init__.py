@@ -20,6 +20,7 @@ import warnings
 
 from kbloop_ext.core import (BackendUnavailable, Buffer, BufferPool, Server, SocketTransport,
                              StackSocket, UnixLoopMixin, ZeroCopyProtocol, DpdkDatapath,
+                             RdmaDatapath,
                              UringDatapath, _CoreLoop, _set_worker_reuse_port, _tune_malloc,
                              force_uring_failure, probe_io_uring)
 
@@ -28,7 +29,7 @@ __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy
            'ZeroCopyProtocol', 'StackSocket', 'format_stats']
 __version__ = '0.1.0'
 
-BACKENDS = ('io_uring', 'dpdk')
+BACKENDS = ('io_uring', 'dpdk', 'rdma')
 
 if os.environ.get('KBLOOP_FORCE_URING_ERROR'):
     force_uring_failure(os.environ['KBLOOP_FORCE_URING_ERROR'])
@@ -69,13 +70,23 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
     port id.  Environment: KBLOOP_DPDK_IP, KBLOOP_DPDK_GATEWAY, KBLOOP_DPDK_VDEV,
     KBLOOP_DPDK_ARGS (shell words), KBLOOP_DPDK_PORT.  The loop then busy-polls: it never
     sleeps, as a poll-mode driver needs.
+
+    backend="rdma" (docs/rdma.md) adds the RDMA datapath, streams over RC queue pairs (a RoCE
+    NIC, or soft-RoCE), beside io_uring: TCP servers on the wildcard or an RDMA device's
+    address, and connections to those devices' networks, go over RDMA; peers must speak it too
+    (kbloop's RDMA datapath).  rdma_poll: "busy" (spin on the completion queues, the default)
+    or "sleep" (sleep until a completion); rdma_buf_size, rdma_recv_depth, rdma_send_depth:
+    bytes per receive buffer and send slot, and how many of each per connection.
+    Environment: KBLOOP_RDMA_POLL, KBLOOP_RDMA_BUF_SIZE, KBLOOP_RDMA_RECV_DEPTH,
+    KBLOOP_RDMA_SEND_DEPTH.
     """
 
     def __init__(self, *, ring_entries=None, recv_buffers=None, recv_buffer_size=None,
                  single_issuer=None, busy_poll=None, cpu=None, spin_us=None, sqpoll=None,
                  sq_cpu=None, sq_idle_ms=None, napi_busy_poll_us=None, pool_limit_mb=None,
                  hugepages=None, backend=None, ip=None, gateway=None, dpdk_vdev=None,
-                 dpdk_args=None, dpdk_port=None):
+                 dpdk_args=None, dpdk_port=None, rdma_poll=None, rdma_buf_size=None,
+                 rdma_recv_depth=None, rdma_send_depth=None):
         cpu = _option(cpu, 'KBLOOP_CPU', None)
         if cpu is not None and cpu not in os.sched_getaffinity(0):
             raise ValueError(f'cpu {cpu} is not one this process may run on '
@@ -91,6 +102,12 @@ class Loop(_CoreLoop, UnixLoopMixin, asyncio.BaseEventLoop):
         net = None
         if backend == 'dpdk':
             net = _dpdk_datapath(pool, cpu, ip, gateway, dpdk_vdev, dpdk_args, dpdk_port)
+        elif backend == 'rdma':
+            net = RdmaDatapath(
+                pool, rdma_poll or os.environ.get('KBLOOP_RDMA_POLL', 'busy'),
+                buf_size=_option(rdma_buf_size, 'KBLOOP_RDMA_BUF_SIZE', 8192),
+                recv_depth=_option(rdma_recv_depth, 'KBLOOP_RDMA_RECV_DEPTH', 64),
+                send_depth=_option(rdma_send_depth, 'KBLOOP_RDMA_SEND_DEPTH', 64))
         try:
             datapath = self._uring_datapath(
                 pool, ring_entries, recv_buffers, recv_buffer_size, single_issuer, busy_poll,
@@ -291,8 +308,18 @@ def info():
     uring = probe_io_uring()
     from kbloop_ext import dpdk
     dpdk_built, dpdk_why = dpdk.available()
+    from kbloop_ext import rdma
+    rdma_built, rdma_why = rdma.available()
+    if rdma_built:
+        from kbloop_ext.core import rdma_interfaces
+        devices = rdma_interfaces()
+        rdma_why = '' if devices else ('no RDMA device with an IPv4 address (soft-RoCE: '
+                                       'rdma link add rxe0 type rxe netdev eth0)')
+    else:
+        devices = []
     return {
         'dpdk': {'built': dpdk_built, 'reason': dpdk_why},
+        'rdma': {'built': rdma_built, 'interfaces': devices, 'reason': rdma_why},
         'kbloop': __version__,
         'python': platform.python_version(),
         'kernel': platform.release(),

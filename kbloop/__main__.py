@@ -7,6 +7,8 @@
     python -m kbloop --stats script.py     # each loop prints its counters when it closes
     python -m kbloop --backend dpdk --dpdk-vdev net_af_xdp0,iface=eth1 --ip 10.0.0.2/24 \
         server.py                          # TCP on a user-space stack (docs/dpdk.md)
+    python -m kbloop --backend rdma [--rdma-poll sleep] server.py
+                                           # streams over RDMA queue pairs (docs/rdma.md)
 """
 import argparse
 import json
@@ -61,6 +63,10 @@ def main(argv=None):
     dpdk.add_argument('--dpdk-args', help="the EAL's arguments as one shell-quoted string, for "
                                           'a real NIC (KBLOOP_DPDK_ARGS)')
     dpdk.add_argument('--dpdk-port', type=int, help='the DPDK port id (KBLOOP_DPDK_PORT)')
+    rdma = parser.add_argument_group('the RDMA datapath (--backend rdma; docs/rdma.md)')
+    rdma.add_argument('--rdma-poll', choices=('busy', 'sleep'),
+                      help='spin on the completion queues, or sleep until a completion '
+                           '(KBLOOP_RDMA_POLL; busy by default)')
     parser.add_argument('-m', dest='module', help='run a library module as a script')
     parser.add_argument('script', nargs='?')
     parser.add_argument('args', nargs=argparse.REMAINDER)
@@ -73,7 +79,7 @@ def main(argv=None):
         os.environ['KBLOOP_BUSY_POLL'] = '1'
     for value, env in ((opts.ip, 'KBLOOP_DPDK_IP'), (opts.gateway, 'KBLOOP_DPDK_GATEWAY'),
                        (opts.dpdk_vdev, 'KBLOOP_DPDK_VDEV'), (opts.dpdk_args, 'KBLOOP_DPDK_ARGS'),
-                       (opts.dpdk_port, 'KBLOOP_DPDK_PORT')):
+                       (opts.dpdk_port, 'KBLOOP_DPDK_PORT'), (opts.rdma_poll, 'KBLOOP_RDMA_POLL')):
         if value is not None:
             os.environ[env] = str(value)
     if opts.backend == 'dpdk' and not os.environ.get('KBLOOP_DPDK_IP'):

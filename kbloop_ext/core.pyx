@@ -6,7 +6,9 @@ The pieces live in their own files (included below) so that the layout shows the
   transports/  stream transports written once against the datapath contract
   datapath.pxi the contract itself
   uring/       the io_uring datapath (liburing)
+  stack.pxi    what the datapaths with their own transport protocol (DPDK, RDMA) share
   dpdk/        the DPDK datapath (lwIP over a DPDK port, driven through kbloop_ext.dpdk.stack)
+  rdma/        the RDMA datapath (framed streams over RC queue pairs, kbloop_ext.rdma.verbs)
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
@@ -82,8 +84,12 @@ cdef class StreamCore
 cdef class DatagramCore
 cdef class Listener
 cdef class FdWatch
-cdef class DpdkDatapath
+cdef class StackDatapath
 cdef class StackSocket
+cdef class DpdkDatapath
+cdef class DpdkSocket
+cdef class RdmaDatapath
+cdef class RdmaSocket
 
 include "loop/handles.pxi"
 include "buffers/pool.pxi"
@@ -93,7 +99,9 @@ include "transports/stream.pxi"
 include "transports/datagram.pxi"
 include "uring/datapath.pxi"
 include "uring/probe.pxi"
+include "stack.pxi"
 include "dpdk/datapath.pxi"
+include "rdma/datapath.pxi"
 include "loop/loop.pxi"
 include "loop/server.pxi"
 include "loop/unix.pxi"

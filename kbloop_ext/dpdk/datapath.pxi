@@ -1,5 +1,7 @@
 # The DPDK datapath: TCP on the lwIP stack of kbloop_ext.dpdk.stack (a DPDK poll-mode driver
-# underneath), under the same stream transports as the io_uring datapath (docs/dpdk.md).
+# underneath), under the same stream transports as the io_uring datapath (docs/dpdk.md).  What
+# it shares with the RDMA datapath (socket stand-ins, delivery, deferred completions) is in
+# stack.pxi.
 #
 # The loop core does not link DPDK or lwIP: it calls the stack module's C functions through
 # the table (kb_dpdk_api) that the module exports in a capsule, so the core loads everywhere.
@@ -13,11 +15,6 @@
 # A send copies the transport's batch into lwIP's send buffer (as a kernel socket does); the
 # transport hears it completed once all of it is in, possibly after acknowledgements made room.
 
-from libc.stdint cimport uint16_t, uintptr_t
-from cpython.pycapsule cimport PyCapsule_GetPointer
-from socket import (SO_TYPE as _SO_TYPE, SO_ERROR as _SO_ERROR, SO_REUSEPORT as _SO_REUSEPORT,
-                    IPPROTO_UDP,
-                    SHUT_WR as _SHUT_WR, SHUT_RDWR as _SHUT_RDWR)
 
 cdef extern from "kb_dpdk.h":
     struct pbuf:
@@ -78,22 +75,9 @@ cdef dict _LWIP_ERRNO = {
 }
 cdef int LWIP_ERR_ABRT = -13, LWIP_ERR_RST = -14
 
-# Ports that bind(port 0) hands out to listeners: below lwIP's own range for active opens
-# (0xc000 up), so a listener and an outgoing connection never want the same port.
-cdef int EPHEMERAL_LISTEN_FIRST = 32768, EPHEMERAL_LISTEN_LAST = 49151
-
-# Deferred completions, run at the end of poll(): never from inside the transport's own call.
-cdef size_t DELIVER_MAX = 256 * 1024   # bytes per data_received() call, as asyncio reads
-cdef int LATER_DRAIN = 1, LATER_RECV_DONE = 2, LATER_SENT = 3, LATER_SEND_ERROR = 4
-cdef int LATER_DGRAM_SENT = 5
 # Datagrams kept for an endpoint that is not reading: past this many, new ones are dropped
 # (counted), as a full socket receive buffer drops them.
 cdef Py_ssize_t DGRAM_QUEUE_MAX = 4096
-# Received segments a ZeroCopyProtocol may hold (as Buffers over the mbufs) before its
-# connection stops delivering; it resumes once half are back.  Their room in the receive
-# window comes back only as they do, so the peer stops too (at 1 MiB, the window); the limit
-# also bounds the mbufs a connection of small segments can pin.
-cdef Py_ssize_t ZC_HOLD_LIMIT = 512
 
 
 cdef object _lwip_oserror(int err, bint connecting):
@@ -109,148 +93,6 @@ cdef object _lwip_oserror(int err, bint connecting):
     return OSError(code, os.strerror(code))
 
 
-cdef uint32_t _ip4_be(str address) except? 0:
-    """A dotted IPv4 address as lwIP keeps it (network byte order in memory)."""
-    try:
-        return struct_unpack('=I', inet_pton(AF_INET, address))[0]
-    except OSError:
-        raise OSError(errno.EINVAL, f'not an IPv4 address: {address!r}') from None
-
-
-cdef str _ip4_str(uint32_t address):
-    return inet_ntop(AF_INET, struct_pack('=I', address))
-
-
-cdef class StackSocket:
-    """A stand-in for socket.socket over a TCP connection or listener of the DPDK datapath's
-    user-space stack: what transport.get_extra_info('socket') and Server.sockets show.
-
-    It answers what asyncio code asks of a socket (family, type, proto, getsockname,
-    getpeername, TCP_NODELAY, SO_KEEPALIVE) but has no file descriptor: fileno() is a negative
-    number, unique in the process, that keys the loop's tables and that no system call takes.
-    Operations that need a kernel socket (loop.sock_*, sendfile's zero-copy path) are refused
-    or fall back (docs/dpdk.md)."""
-    cdef:
-        DpdkDatapath dp
-        kb_conn *c
-        readonly int family, type, proto
-        int _fileno
-        object _local, _peer
-        bint _listening, _nodelay, _keepalive
-        object owner_obj         # the Listener or StreamCore that its events go to
-        list rx                  # received pbufs (addresses) not delivered yet
-        bint rx_eof              # the peer's FIN, not delivered yet
-        bint rx_marked           # on the datapath's list to deliver after this poll's events
-        object rx_error          # an error that came before a transport was attached
-        object connect_fut
-        list out                 # the send batch being copied into lwIP
-        Py_ssize_t out_i, out_off, out_total
-        object dgrams            # UDP: (bytes, address) received, not delivered yet
-        Py_ssize_t zc_held_bytes # received bytes lent as Buffers and not returned yet
-        object unacked           # (end offset, Buffer) written without a copy, not acked yet
-        uint64_t tx_queued       # bytes handed to lwIP, and acknowledged by the peer
-        uint64_t tx_acked
-        kb_conn *linger_c        # closed, with no-copy data still in lwIP's queues
-
-    def __cinit__(self):
-        self.family = AF_INET
-        self.type = SOCK_STREAM
-        self.proto = IPPROTO_TCP
-        self.rx = []
-        self.unacked = collections.deque()
-
-    def __repr__(self):
-        state = 'closed' if self.dp is None else ('listening' if self._listening else 'open')
-        return (f'<kbloop.StackSocket {state} fd={self._fileno} laddr={self._local} '
-                f'raddr={self._peer} (DPDK)>')
-
-    cdef _attach_conn(self, kb_conn *c):
-        self.c = c
-        c.owner = <void *>self
-        self.dp.socks[self._fileno] = self
-        cdef uint32_t lip, rip
-        cdef uint16_t lport, rport
-        if self.dp.api.tcp_addrs(c, &lip, &lport, &rip, &rport) == 0 and not c.listening:
-            self._local = (_ip4_str(lip), lport)
-            self._peer = (_ip4_str(rip), rport)
-
-    # -- what asyncio and applications ask of a socket -------------------------------------
-    def fileno(self):
-        return self._fileno
-
-    def detach(self):
-        return -1
-
-    def getsockname(self):
-        if self._local is None:
-            return ('0.0.0.0', 0)
-        return self._local
-
-    def getpeername(self):
-        if self._peer is None:
-            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
-        return self._peer
-
-    def setblocking(self, flag):
-        pass
-
-    def settimeout(self, value):
-        if value:
-            raise ValueError('a DPDK stack socket is non-blocking only')
-
-    def gettimeout(self):
-        return 0.0
-
-    def setsockopt(self, level, option, value, *rest):
-        if level == IPPROTO_TCP and option == TCP_NODELAY:
-            self._nodelay = bool(value)
-            if self.c is not NULL:
-                self.dp.api.tcp_set_nodelay(self.c, self._nodelay)
-        elif level == SOL_SOCKET and option == SO_KEEPALIVE:
-            self._keepalive = bool(value)
-            if self.c is not NULL:
-                self.dp.api.tcp_set_keepalive(self.c, self._keepalive)
-        elif level == SOL_SOCKET and option in (SO_REUSEADDR, _SO_REUSEPORT):
-            pass        # lwIP binds listeners without TIME_WAIT conflicts anyway
-        else:
-            raise OSError(errno.ENOPROTOOPT, f'option {level}/{option} is not supported on '
-                                             f'a DPDK stack socket')
-
-    def getsockopt(self, level, option, buflen=None):
-        if level == IPPROTO_TCP and option == TCP_NODELAY:
-            return int(self._nodelay)
-        if level == SOL_SOCKET and option == SO_KEEPALIVE:
-            return int(self._keepalive)
-        if level == SOL_SOCKET and option == _SO_TYPE:
-            return SOCK_STREAM
-        if level == SOL_SOCKET and option == _SO_ERROR:
-            return 0
-        raise OSError(errno.ENOPROTOOPT, f'option {level}/{option} is not supported on '
-                                         f'a DPDK stack socket')
-
-    def bind(self, address):
-        if self.type == SOCK_DGRAM:
-            self.dp._udp_bind(self, address)
-        else:
-            self.dp._bind(self, address)
-
-    def listen(self, backlog=128):
-        self.dp._listen(self, backlog)
-
-    def shutdown(self, how):
-        if self.c is NULL:
-            return
-        if self._listening:     # stop accepting at once: new SYNs are refused
-            self.dp._close_sock(self)
-        elif how in (_SHUT_WR, _SHUT_RDWR):
-            self.dp.api.tcp_shutdown_write(self.c)
-
-    def close(self):
-        if self.dp is not None:
-            self.dp._close_sock(self)
-
-
-_next_stack_fileno = itertools.count(1)
 
 # The process's stack: (kbloop_ext.dpdk.stack.Stack, its configuration) once started.
 _dpdk_stack = None
@@ -268,42 +110,47 @@ def _close_dpdk_stack():
         _dpdk_stack = None
 
 
-cdef class DpdkDatapath(Datapath):
-    """TCP over the process's DPDK port and lwIP stack (docs/dpdk.md).
+cdef class DpdkSocket(StackSocket):
+    """A TCP connection or listener, or a UDP socket, of the DPDK datapath's lwIP stack."""
+    cdef:
+        kb_conn *c
+        object dgrams            # UDP: (bytes, address) received, not delivered yet
+        kb_conn *linger_c        # closed, with no-copy data still in lwIP's queues
+
+    cdef _attach_conn(self, kb_conn *c):
+        self.c = c
+        c.owner = <void *>self
+        self.dp.socks[self._fileno] = self
+        cdef uint32_t lip, rip
+        cdef uint16_t lport, rport
+        if (<DpdkDatapath>self.dp).api.tcp_addrs(c, &lip, &lport, &rip, &rport) == 0 \
+                and not c.listening:
+            self._local = (_ip4_str(lip), lport)
+            self._peer = (_ip4_str(rip), rport)
+
+
+cdef class DpdkDatapath(StackDatapath):
+    """TCP and UDP over the process's DPDK port and lwIP stack (docs/dpdk.md).
 
     eal_args: the EAL's arguments; port: the DPDK port id; ip, netmask, gateway: this stack's
     IPv4 configuration (dotted strings)."""
     cdef:
         kb_dpdk_api *api
         object stack
-        readonly str ip, netmask, gateway
+        readonly str netmask, gateway
         uint32_t ip_be, mask_be, gw_be
-        dict socks               # fileno -> StackSocket with a live lwIP connection
-        set bound_ports
-        list later               # (kind, sock, value) completions for the end of poll()
-        list rx_ready            # sockets that received something in this poll
-        list returned            # (pbuf, length, socket) of lent Buffers that came back
         bint zc_tx               # the device sends Buffers without a copy (external mbufs)
-        set lingering            # closed StackSockets whose no-copy data lwIP still sends
+        set lingering            # closed DpdkSockets whose no-copy data lwIP still sends
         list tx_retired          # Buffers acknowledged, kept until the device let go of them
-        int next_port
-        bint opened
-        uint64_t n_events, n_rx_bytes, n_tx_bytes, n_dgrams_dropped
-        uint64_t n_rx_lent, n_rx_lent_bytes, n_zc_throttles, n_lingered
-        Py_ssize_t lent_now      # Buffers lent to ZeroCopyProtocols and not back yet
+        uint64_t n_dgrams_dropped, n_lingered
 
     def __init__(self, eal_args, int port, str ip, str netmask, str gateway, BufferPool pool):
         global _dpdk_stack, _dpdk_stack_config, _dpdk_stack_user
         self.name = 'dpdk'
         self.pool = pool
-        self.socks = {}
-        self.bound_ports = set()
-        self.later = []
-        self.rx_ready = []
-        self.returned = []
+        self.datagrams = True
         self.lingering = set()
         self.tx_retired = []
-        self.next_port = EPHEMERAL_LISTEN_FIRST
         try:
             from kbloop_ext.dpdk import stack as stack_module
         except ImportError as exc:
@@ -345,7 +192,7 @@ cdef class DpdkDatapath(Datapath):
         _dpdk_orphans[0].clear()
         _dpdk_orphans[1].clear()
         for s in self.lingering:
-            (<StackSocket>s).dp = self
+            (<DpdkSocket>s).dp = self
         _dpdk_stack_user = self
         self.opened = True
 
@@ -375,17 +222,10 @@ cdef class DpdkDatapath(Datapath):
         return (a & self.mask_be) == (self.ip_be & self.mask_be) or self.gw_be != 0
 
     # -- sockets ------------------------------------------------------------------------------
-    cdef StackSocket _new_socket(self):
-        cdef StackSocket s = StackSocket.__new__(StackSocket)
-        s.dp = self
-        s._fileno = -next(_next_stack_fileno)
-        s._nodelay = False
-        return s
-
-    def socket(self, int type=SOCK_STREAM):
-        """A new, unconnected stack socket (SOCK_STREAM: TCP, SOCK_DGRAM: UDP)."""
-        self._check_open()
-        cdef StackSocket s = self._new_socket()
+    cdef StackSocket _new_socket(self, int type):
+        """SOCK_STREAM: TCP, SOCK_DGRAM: UDP."""
+        cdef DpdkSocket s = DpdkSocket.__new__(DpdkSocket)
+        self._init_socket(s)
         if type == SOCK_DGRAM:
             s.type = SOCK_DGRAM
             s.proto = IPPROTO_UDP
@@ -393,7 +233,7 @@ cdef class DpdkDatapath(Datapath):
         return s
 
     # -- UDP -------------------------------------------------------------------------------
-    cdef _udp_bind(self, StackSocket s, address):
+    cdef _udp_bind(self, DpdkSocket s, address):
         cdef int err = 0, port
         cdef kb_conn *c
         if s.c is not NULL:
@@ -408,14 +248,14 @@ cdef class DpdkDatapath(Datapath):
         s._attach_conn(c)
         self._udp_names(s)
 
-    cdef _udp_names(self, StackSocket s):
+    cdef _udp_names(self, DpdkSocket s):
         cdef uint32_t lip, rip
         cdef uint16_t lport, rport
         if self.api.tcp_addrs(s.c, &lip, &lport, &rip, &rport) == 0:
             s._local = (_ip4_str(lip), lport)
             s._peer = (_ip4_str(rip), rport) if rport else None
 
-    def udp_connect(self, StackSocket s, address):
+    def udp_connect(self, DpdkSocket s, address):
         """Fix the peer of a UDP socket (binding it first to any port if it is not bound)."""
         cdef int err
         if s.c is NULL:
@@ -426,13 +266,13 @@ cdef class DpdkDatapath(Datapath):
         self._udp_names(s)
 
     cdef int dgram_recv_start(self, DatagramCore t) except -1:
-        cdef StackSocket s = t._sock
+        cdef DpdkSocket s = t._sock
         if s.dgrams:
             self.later.append((LATER_DRAIN, s, None))
         return 0
 
     cdef int dgram_send(self, DatagramCore t, object data, bytes sockaddr) except -1:
-        cdef StackSocket s = t._sock
+        cdef DpdkSocket s = t._sock
         cdef Py_buffer view
         cdef uint32_t ip = 0
         cdef uint16_t port = 0
@@ -454,45 +294,21 @@ cdef class DpdkDatapath(Datapath):
                            (len(data), _lwip_oserror(err, False).errno if err else 0)))
         return 0
 
-    cdef _check_open(self):
-        if not self.opened:
-            raise RuntimeError('the DPDK datapath is closed')
+    cdef _bind_sock(self, StackSocket sock, address):
+        if sock.type == SOCK_DGRAM:
+            self._udp_bind(<DpdkSocket>sock, address)
+        else:
+            StackDatapath._bind_sock(self, sock, address)
 
-    cdef _bind(self, StackSocket s, address):
-        cdef int port
-        if not isinstance(address, tuple) or len(address) != 2:
-            raise TypeError('AF_INET address must be a pair (host, port)')
-        host, port = address
-        if not self.serves(host):
-            raise OSError(errno.EADDRNOTAVAIL,
-                          f'{host!r} is not this DPDK stack\'s address ({self.ip})')
-        if not 0 <= port <= 65535:
-            raise OverflowError('bind(): port must be 0-65535.')
-        if port == 0:
-            port = self._free_port()
-        elif port in self.bound_ports:
-            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
-        self.bound_ports.add(port)
-        s._local = ('0.0.0.0' if host in (None, '') else host, port)
-
-    cdef int _free_port(self) except -1:
-        cdef int tries
-        for tries in range(EPHEMERAL_LISTEN_LAST - EPHEMERAL_LISTEN_FIRST + 1):
-            port = self.next_port
-            self.next_port = (EPHEMERAL_LISTEN_FIRST if port == EPHEMERAL_LISTEN_LAST
-                              else port + 1)
-            if port not in self.bound_ports:
-                return port
-        raise OSError(errno.EADDRINUSE, 'no free port left for listeners')
-
-    cdef _listen(self, StackSocket s, int backlog):
+    cdef _listen(self, StackSocket sock, int backlog):
+        cdef DpdkSocket s = <DpdkSocket>sock
         cdef int err = 0
         cdef kb_conn *c
         self._check_open()
         if s._listening:
             return
         if s._local is None:
-            self._bind(s, ('0.0.0.0', 0))
+            self._bind_sock(s, ('0.0.0.0', 0))
         host, port = s._local
         c = self.api.tcp_listen(_ip4_be(host), port, max(1, backlog), &err)
         if c is NULL:
@@ -500,7 +316,7 @@ cdef class DpdkDatapath(Datapath):
         s._listening = True
         s._attach_conn(c)
 
-    def connect(self, StackSocket s, address):
+    def connect(self, DpdkSocket s, address):
         """Start an active open; returns a future resolved when it is established."""
         cdef int err = 0, port
         cdef kb_conn *c
@@ -518,9 +334,10 @@ cdef class DpdkDatapath(Datapath):
             self.api.tcp_set_keepalive(c, 1)
         return s.connect_fut
 
-    cdef _close_sock(self, StackSocket s):
+    cdef _close_sock(self, StackSocket sock):
         """Close gracefully (FIN; lwIP sends a RST instead when received data was left
         unread, as Linux does) and give everything back: its pbufs, its port."""
+        cdef DpdkSocket s = <DpdkSocket>sock
         cdef kb_conn *c = s.c
         self._free_rx(s)
         s.out = None
@@ -547,59 +364,30 @@ cdef class DpdkDatapath(Datapath):
                 else:
                     self.api.tcp_close(c, 0)
                 self.api.conn_release(c)
-        if s.type == SOCK_STREAM and s._local is not None and (s._listening or s._peer is None):
-            self.bound_ports.discard(s._local[1])
-            s._listening = False
+        self._unbind(s)
         s.owner_obj = None
 
-    cdef _free_rx(self, StackSocket s):
+    cdef _free_rx(self, DpdkSocket s):
         cdef uintptr_t p
         for p in s.rx:
             self.api.pbuf_free(<pbuf *>p)
         s.rx = []
 
+    cdef _shutdown_sock(self, StackSocket sock):
+        cdef DpdkSocket s = <DpdkSocket>sock
+        if s.c is not NULL:
+            self.api.tcp_shutdown_write(s.c)
+
+    cdef _apply_options(self, StackSocket sock):
+        cdef DpdkSocket s = <DpdkSocket>sock
+        if s.c is not NULL and not s._listening:
+            self.api.tcp_set_nodelay(s.c, s._nodelay)
+            self.api.tcp_set_keepalive(s.c, s._keepalive)
+
     # -- the contract: streams -------------------------------------------------------------
-    cdef int attach(self, TransportCore t) except -1:
-        (<StackSocket>t._sock).owner_obj = t
-        return 0
-
-    cdef int listen(self, Listener listener) except -1:
-        (<StackSocket>listener.sock).owner_obj = listener
-        return 0
-
-    cdef int unlisten(self, Listener listener) except -1:
-        (<StackSocket>listener.sock).owner_obj = None
-        return 0
-
-    cdef int recv_start(self, StreamCore t) except -1:
-        cdef StackSocket s = t._sock
-        if s.rx or s.rx_eof or s.rx_error is not None:
-            self.later.append((LATER_DRAIN, s, None))
-        return 0
-
-    cdef int recv_stop(self, TransportCore t) except -1:
-        self.later.append((LATER_RECV_DONE, t._sock, None))
-        return 0
-
-    cdef int send(self, StreamCore t) except -1:
-        cdef StackSocket s = t._sock
-        cdef Py_ssize_t total = 0
-        batch = t.take_batch()
-        if s.rx_error is not None:      # reset while nobody was reading
-            exc = s.rx_error
-            s.rx_error = None
-            self.later.append((LATER_SEND_ERROR, s, exc))
-            return 0
-        for item in batch:
-            total += len(item)
-        s.out = batch
-        s.out_i = s.out_off = 0
-        s.out_total = total
-        self._push(s)
-        return 0
-
-    cdef _push(self, StackSocket s):
+    cdef _push(self, StackSocket sock):
         """Copy as much of the send batch into lwIP as its send buffer takes."""
+        cdef DpdkSocket s = <DpdkSocket>sock
         cdef Py_buffer view
         cdef long n
         cdef int flags
@@ -641,16 +429,6 @@ cdef class DpdkDatapath(Datapath):
             self.n_tx_bytes += s.out_total
             self.later.append((LATER_SENT, s, s.out_total))
 
-    cdef int shutdown_write(self, StreamCore t) except -1:
-        cdef StackSocket s = t._sock
-        if s.c is not NULL:
-            self.api.tcp_shutdown_write(s.c)
-        return 0
-
-    cdef int close_socket(self, sock) except -1:
-        self._close_sock(<StackSocket>sock)
-        return 0
-
     # -- the per-iteration step -------------------------------------------------------------
     cdef int poll(self, int64_t timeout_ns) except -1:
         """One poll step (this device is polled, never waited on: the loop spins on it)."""
@@ -678,23 +456,19 @@ cdef class DpdkDatapath(Datapath):
             self.api.events_clear()
             self.n_events += i
         if self.rx_ready:
-            ready = self.rx_ready
-            self.rx_ready = []
-            for s in ready:
-                (<StackSocket>s).rx_marked = False
-                self._drain(s)
+            self._deliver_marked()
         if self.later:
             self._run_later()
         return <int>i
 
     cdef _dispatch(self, kb_event *ev):
-        cdef StackSocket s, ls
+        cdef DpdkSocket s, ls
         cdef int kind = ev.kind
         if kind == KB_EV_ACCEPT:
             if ev.listener.owner is NULL:
                 return              # its listener is closed: events_clear aborts the new one
-            ls = <StackSocket>ev.listener.owner
-            s = self._new_socket()
+            ls = <DpdkSocket>ev.listener.owner
+            s = <DpdkSocket>self._new_socket(SOCK_STREAM)
             s._attach_conn(ev.conn)
             if ls.owner_obj is None or not (<Listener>ls.owner_obj).active:
                 self._close_sock(s)
@@ -705,7 +479,7 @@ cdef class DpdkDatapath(Datapath):
             if ev.p is not NULL:
                 self.api.pbuf_free(ev.p)
             return
-        s = <StackSocket>ev.conn.owner
+        s = <DpdkSocket>ev.conn.owner
         if kind == KB_EV_RECV or kind == KB_EV_EOF:
             # Kept until this poll's events are all in: a connection's segments of one poll
             # reach the protocol in one data_received() call, not one per segment.
@@ -736,7 +510,7 @@ cdef class DpdkDatapath(Datapath):
         elif kind == KB_EV_DGRAM:
             self._on_datagram(s, ev)
 
-    cdef _on_datagram(self, StackSocket s, kb_event *ev):
+    cdef _on_datagram(self, DpdkSocket s, kb_event *ev):
         """A datagram for UDP socket s: copied into bytes at once (its pbuf goes back)."""
         cdef bytes data = PyBytes_FromStringAndSize(NULL, ev.len)
         self.api.pbuf_copy(ev.p, PyBytes_AS_STRING(data), ev.len)
@@ -746,11 +520,9 @@ cdef class DpdkDatapath(Datapath):
             return
         self.n_rx_bytes += ev.len
         s.dgrams.append((data, (_ip4_str(ev.addr), ev.port)))
-        if not s.rx_marked:
-            s.rx_marked = True
-            self.rx_ready.append(s)
+        self._mark_rx(s)
 
-    cdef _retire_acked(self, StackSocket s):
+    cdef _retire_acked(self, DpdkSocket s):
         """No-copy data the peer acknowledged: lwIP is done with it (the device may not be:
         tx_retired keeps it until then).  A lingering socket whose data is all acknowledged
         is let go."""
@@ -760,7 +532,7 @@ cdef class DpdkDatapath(Datapath):
         if not unacked and s.linger_c is not NULL:
             self._end_linger(s)
 
-    cdef _end_linger(self, StackSocket s):
+    cdef _end_linger(self, DpdkSocket s):
         while s.unacked:
             self.tx_retired.append(s.unacked.popleft()[1])
         if s.linger_c is not NULL:
@@ -768,7 +540,7 @@ cdef class DpdkDatapath(Datapath):
             s.linger_c = NULL
         self.lingering.discard(s)
 
-    cdef _on_conn_error(self, StackSocket s, int err):
+    cdef _on_conn_error(self, DpdkSocket s, int err):
         """lwIP has freed the connection (RST, or it gave up retransmitting)."""
         cdef StreamCore t
         if s.unacked or s.linger_c is not NULL:
@@ -795,9 +567,8 @@ cdef class DpdkDatapath(Datapath):
             # socket, the transport hears of it when it reads again or writes.
             s.rx_error = exc
 
-    cdef _drain(self, StackSocket s):
-        """Deliver what s holds if its transport is reading: its data in one call (up to
-        DELIVER_MAX bytes at a time), then the peer's FIN or an error that came meanwhile."""
+    cdef _drain(self, StackSocket sock):
+        cdef DpdkSocket s = <DpdkSocket>sock
         cdef DatagramCore d
         if isinstance(s.owner_obj, DatagramCore):
             d = s.owner_obj
@@ -805,28 +576,13 @@ cdef class DpdkDatapath(Datapath):
                 data, addr = s.dgrams.popleft()
                 d._on_datagram(data, addr)
             return
-        cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-        if t is None:
-            return
-        while s.rx and t._recv_armed and not t._recv_stopping and not t._throttled:
-            if t._zero_copy:
-                self._lend(s, t)
-            else:
-                self._deliver(s, t)
-        if s.rx or not t._recv_armed or t._recv_stopping:
-            return
-        if s.rx_error is not None:
-            exc = s.rx_error
-            s.rx_error = None
-            t._on_recv_error(exc.errno)
-        elif s.rx_eof:
-            s.rx_eof = False
-            t._on_eof()
+        StackDatapath._drain(self, s)
 
-    cdef _deliver(self, StackSocket s, StreamCore t):
+    cdef _deliver(self, StackSocket sock, StreamCore t):
         """Hand received pbufs to the transport, then give their room back to lwIP's window.
         One pbuf of one piece is lent as it is (_on_data copies it once, into the bytes the
         protocol gets); several are gathered into one bytes object, the same single copy."""
+        cdef DpdkSocket s = <DpdkSocket>sock
         cdef pbuf *p
         cdef pbuf *q
         cdef const void *payload
@@ -869,96 +625,34 @@ cdef class DpdkDatapath(Datapath):
     cdef _lend(self, StackSocket s, StreamCore t):
         """A ZeroCopyProtocol's data: each received piece (one segment's payload, in the
         mbuf it arrived in) lent as a Buffer, without a copy.  Its room in the receive window
-        comes back when the Buffer does (recv_buffer_returned)."""
+        comes back when the Buffer does (_give_back)."""
         cdef pbuf *p = <pbuf *><uintptr_t>s.rx.pop(0)
         cdef pbuf *piece
         cdef const void *payload
         cdef size_t n
-        cdef _Chunk chunk
         while p is not NULL:
             piece = p
             p = self.api.pbuf_detach(piece, &payload, &n)
             if n == 0:
                 self.api.pbuf_free(piece)
                 continue
-            chunk = _Chunk.__new__(_Chunk)
-            chunk.home = self
-            chunk.kind = CHUNK_RECV
-            chunk.number = <uint32_t>n
-            chunk.token = <uintptr_t>piece
-            chunk.holder = s
-            s.zc_held_bytes += n
-            self.lent_now += 1
-            t._bufs_held += 1
-            self.n_rx_lent += 1
-            self.n_rx_lent_bytes += n
-            if t._bufs_held >= ZC_HOLD_LIMIT and not t._throttled:
-                t._throttled = True     # _drain stops here until half of them are back
-                self.n_zc_throttles += 1
-            t._on_buffer(_new_buffer(chunk, <char *>payload, n))
+            self._lend_piece(s, t, payload, n, <uintptr_t>piece)
 
-    cdef void recv_buffer_returned(self, uint32_t number, uintptr_t token, object holder) noexcept:
-        # Queued for the loop's next poll: the last reference may go in any thread, and lwIP
-        # is single-threaded.  A loop that is gone (or a stack that is) frees it at once.
-        if self.opened:
-            self.returned.append((token, number, holder))
-            return
-        self.lent_now -= 1
-        if _dpdk_stack is not None:
+    cdef _give_back(self, StackSocket s, uintptr_t token, uint32_t number):
+        cdef DpdkSocket d = <DpdkSocket>s
+        self.api.pbuf_free(<pbuf *>token)
+        if d.c is not NULL:
+            self.api.tcp_recved(d.c, number)
+
+    cdef _give_back_late(self, uintptr_t token, uint32_t number, object holder):
+        if _dpdk_stack is not None:     # the stack is process-wide: still up
             self.api.pbuf_free(<pbuf *>token)
-
-    cdef _take_back_returned(self):
-        cdef StackSocket s
-        cdef StreamCore t
-        returned = self.returned
-        self.returned = []
-        for token, number, holder in returned:
-            s = <StackSocket>holder
-            self.api.pbuf_free(<pbuf *><uintptr_t>token)
-            self.lent_now -= 1
-            s.zc_held_bytes -= number
-            if s.c is not NULL:
-                self.api.tcp_recved(s.c, <uint32_t>number)
-            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-            if t is None:
-                continue
-            t._bufs_held -= 1
-            if t._throttled and t._bufs_held <= ZC_HOLD_LIMIT // 2:
-                t._throttled = False
-                self.later.append((LATER_DRAIN, s, None))
-
-    cdef _run_later(self):
-        cdef list todo
-        cdef StackSocket s
-        cdef StreamCore t
-        cdef int kind
-        while self.later:
-            todo = self.later
-            self.later = []
-            for kind, s, value in todo:
-                if kind == LATER_RECV_DONE and isinstance(s.owner_obj, TransportCore):
-                    (<TransportCore>s.owner_obj)._on_recv_done()
-                    continue
-                if kind == LATER_DGRAM_SENT:
-                    if isinstance(s.owner_obj, DatagramCore):
-                        (<DatagramCore>s.owner_obj)._on_dgram_sent(value[0], value[1])
-                    continue
-                if kind == LATER_DRAIN:
-                    self._drain(s)
-                    continue
-                t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-                if t is None:
-                    continue
-                if kind == LATER_SENT:
-                    t._on_sent(value, None)
-                elif kind == LATER_SEND_ERROR:
-                    t._on_send_error(value.errno, None)
 
     cdef void close(self):
         """Abort what this loop left open and hand the stack over to the next loop (the stack
         itself stays up until the process exits: the EAL cannot start twice)."""
         global _dpdk_stack_user
-        cdef StackSocket s
+        cdef DpdkSocket s
         if not self.opened:
             return
         if self.returned:
@@ -983,17 +677,10 @@ cdef class DpdkDatapath(Datapath):
 
     cdef dict stats(self):
         d = dict(self.stack.stats())
-        d['events'] = self.n_events
-        d['socket_rx_bytes'] = self.n_rx_bytes
-        d['socket_tx_bytes'] = self.n_tx_bytes
-        d['sockets'] = len(self.socks)
+        d.update(self._stack_stats())
         d['datagrams_dropped'] = self.n_dgrams_dropped
-        d['rx_lent'] = self.n_rx_lent
-        d['rx_lent_bytes'] = self.n_rx_lent_bytes
-        d['rx_lent_now'] = self.lent_now
-        d['zc_throttles'] = self.n_zc_throttles
         d['tx_lingering'] = len(self.lingering)
         d['tx_lingered'] = self.n_lingered
-        d['tx_held'] = len(self.tx_retired) + sum(len((<StackSocket>s).unacked)
+        d['tx_held'] = len(self.tx_retired) + sum(len((<DpdkSocket>s).unacked)
                                                     for s in self.socks.values())
         return d

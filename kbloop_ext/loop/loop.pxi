@@ -59,7 +59,7 @@ cdef class _CoreLoop:
         dict _listeners          # listening fd -> Listener
         dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
         readonly Datapath _dp
-        readonly Datapath _net   # a user-space network stack (DPDK) beside _dp, or None
+        readonly Datapath _net   # a datapath with its own stack (DPDK, RDMA) beside _dp, or None
         uint64_t _iterations
         double _next_uring_peek  # with a user-space stack: when to poll io_uring next
 
@@ -265,7 +265,10 @@ cdef class _CoreLoop:
         self._submit_queued()
         deadline = _monotonic() + timeout_ns * 1e-9
         if self._net is not None:
-            self._poll_with_stack(timeout_ns, deadline)
+            if (<StackDatapath>self._net).spins:
+                self._poll_with_stack(timeout_ns, deadline)
+            else:
+                self._poll_sleeping_stack(timeout_ns)
         else:
             self._dp.poll(timeout_ns)
         self._iterations += 1
@@ -350,10 +353,27 @@ cdef class _CoreLoop:
                     or self._stopping):
                 return 0
 
+    cdef int _poll_sleeping_stack(self, int64_t timeout_ns) except -1:
+        """A stack that sleeps (RDMA's sleep mode): poll it; with nothing to do, let it arm
+        its wake-ups and sleep in io_uring, where its fds are watched; then poll it again."""
+        cdef StackDatapath net = self._net
+        cdef int events = net.poll(0)
+        if (timeout_ns == 0 or events or self._ready or self._flush_queue
+                or self._rearm_watches or self._stopping):
+            self._dp.poll(0)
+            return 0
+        if (net.prepare_sleep() or self._ready or self._flush_queue or self._rearm_watches
+                or self._stopping):
+            self._dp.poll(0)
+            return 0
+        self._dp.poll(timeout_ns)
+        net.poll(0)
+        return 0
+
     cdef Datapath _datapath_of(self, sock):
         """The datapath that carries sock: the stack's for its stand-in sockets, else the
         kernel's (io_uring)."""
-        if self._net is not None and type(sock) is StackSocket:
+        if self._net is not None and isinstance(sock, StackSocket):
             return self._net
         return self._dp
 
@@ -462,9 +482,9 @@ cdef class _CoreLoop:
 
     # -- sock_* on the ring -------------------------------------------------------------------
     cdef _check_sock(self, sock):
-        if type(sock) is StackSocket:
-            raise TypeError('loop.sock_*() needs a kernel socket, not a DPDK stack socket: '
-                            'use a transport or streams on the DPDK datapath')
+        if isinstance(sock, StackSocket):
+            raise TypeError(f'loop.sock_*() needs a kernel socket, not a {type(sock).__name__}: '
+                            f'use a transport or streams on the {self._net.name} datapath')
         base_events._check_ssl_socket(sock)
         if self._debug and sock.gettimeout() != 0:
             raise ValueError('the socket must be non-blocking')
@@ -586,7 +606,8 @@ cdef class _CoreLoop:
         cdef StreamCore core = transp._core
         if core._dp is not self._dp:
             raise exceptions.SendfileNotAvailableError(
-                'sendfile goes through the kernel; this transport is on the DPDK datapath')
+                f'sendfile goes through the kernel; this transport is on the {self._net.name} '
+                'datapath')
         transp.pause_reading()
         await core._make_empty_waiter()
         try:
@@ -664,7 +685,7 @@ cdef class _CoreLoop:
 
     async def _connect_stack(self, exceptions, address):
         """An active open on the user-space stack (asyncio's _connect_sock, for its sockets)."""
-        cdef DpdkDatapath net = self._net
+        cdef StackDatapath net = self._net
         mine = []
         exceptions.append(mine)
         sock = net.socket()
@@ -698,7 +719,7 @@ cdef class _CoreLoop:
     async def _stack_udp_address(self, addr, bint local):
         """addr resolved to (IPv4, port) if the stack carries it, None for no address, False
         when it belongs to the kernel."""
-        cdef DpdkDatapath net = self._net
+        cdef StackDatapath net = self._net
         if addr is None:
             return None
         if not isinstance(addr, tuple) or len(addr) != 2:
@@ -714,7 +735,7 @@ cdef class _CoreLoop:
         return (host, port) if net.reaches(host) else False
 
     async def _stack_datagram_endpoint(self, protocol_factory, local, remote):
-        cdef DpdkDatapath net = self._net
+        cdef StackDatapath net = self._net
         sock = net.socket(SOCK_DGRAM)
         try:
             sock.bind(local or ('0.0.0.0', 0))
@@ -783,7 +804,7 @@ cdef class _CoreLoop:
         return all(self._net.serves(h) for h in host)
 
     cdef list _bind_stack(self, host, port):
-        cdef DpdkDatapath net = self._net
+        cdef StackDatapath net = self._net
         sock = net.socket()
         try:
             sock.bind((host if isinstance(host, str) or host is None else net.ip, port or 0))
