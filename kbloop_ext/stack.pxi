@@ -359,7 +359,7 @@ cdef class StackDatapath(Datapath):
         if s.rx_error is not None:
             exc = s.rx_error
             s.rx_error = None
-            t._on_recv_error(exc.errno)
+            t._on_recv_error(exc.errno, exc.strerror)
         elif s.rx_eof:
             s.rx_eof = False
             t._on_eof()
@@ -440,7 +440,7 @@ cdef class StackDatapath(Datapath):
                 if kind == LATER_SENT:
                     t._on_sent(value, None)
                 elif kind == LATER_SEND_ERROR:
-                    t._on_send_error(value.errno, None)
+                    t._on_send_error(value.errno, None, value.strerror)
 
     cdef dict _stack_stats(self):
         return {

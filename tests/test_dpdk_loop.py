@@ -217,7 +217,7 @@ def test_dpdk_client_against_kernel_server(net, tmp_path):
     server.kill()
     assert out.pop("refused") == f"[Errno 111] Connect call failed ('{net.ip_b}', 7101)"
     assert out == {
-        "backend": "dpdk", "socket": "StackSocket", "fileno_negative": True,
+        "backend": "dpdk", "socket": "DpdkSocket", "fileno_negative": True,
         "peername": [net.ip_b, 7100], "sockname_ip": net.ip_a, "nodelay": 1, "executor": 6,
         "echo_same": True, "timeout": True, "kernel_socket": True,
         "kernel_echo": "over the kernel", "sockets_back": True, "conns_back": True,
@@ -721,7 +721,7 @@ def test_udp_on_the_stack(net, tmp_path):
     peer.kill()
     assert result == {"ok": 200}, result
     assert out == {
-        "server_socket": "StackSocket", "server_sockname": ["0.0.0.0", 9000],
+        "server_socket": "DpdkSocket", "server_sockname": ["0.0.0.0", 9000],
         "client_peername": [net.ip_b, 9100], "client_echoes": [True] * 8,
         "kernel_fd": True, "kernel_echo": "self", "dgram_sockets_left": 0,
     }, out

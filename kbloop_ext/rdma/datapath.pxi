@@ -45,6 +45,8 @@ cdef extern from "kb_rdma.h":
         uint64_t sends, sends_inline, sends_signalled, credit_msgs_tx, credit_msgs_rx
         uint64_t msgs_tx, msgs_rx, bytes_tx, bytes_rx, credit_waits, recv_posts
         uint64_t rejects, accepts, connects, errors, eproto, wc_errors, cm_events, polls
+        uint32_t pool_mrs
+        uint64_t ref_frames
         uint32_t fds_gen, cq_entries
     ctypedef struct kb_rdma_api:
         int version
@@ -68,6 +70,9 @@ cdef extern from "kb_rdma.h":
         int (*addrs)(kb_rdma_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip,
                      uint16_t *rport)
         void (*get_stats)(kb_rdma *r, kb_rdma_stats *st)
+        int (*reg_mem)(kb_rdma *r, const void *addr, size_t len)
+        void (*unreg_mem)(kb_rdma *r, const void *addr)
+        long (*write_ref)(kb_rdma_conn *c, const void *data, size_t len)
     enum:
         KB_RDMA_EV_ACCEPT, KB_RDMA_EV_CONNECTED, KB_RDMA_EV_RECV, KB_RDMA_EV_EOF,
         KB_RDMA_EV_SENT, KB_RDMA_EV_ERROR, KB_RDMA_EV_CLOSED, KB_RDMA_EV_REJECT
@@ -79,6 +84,10 @@ cdef extern from "<sys/ioctl.h>":
 
 # Most fds kb_rdma_fds returns: the rdma_cm channel and one completion channel per device.
 cdef int RDMA_MAX_FDS = 16
+# Pool Buffers from this size up are sent from where they are (a frame gathers its header from
+# the send slot and its payload from the Buffer); smaller ones are copied into a slot, where
+# they can share a frame with other small writes.
+cdef Py_ssize_t RDMA_REF_MIN = 1024
 
 
 cdef object _rdma_oserror(int err, bint connecting):
@@ -185,6 +194,7 @@ cdef class RdmaDatapath(StackDatapath):
         uint32_t fds_gen
         set closing                  # closed sockets whose zero-copy data is still in flight
         bint free_pending            # closed, the stack freed when the last Buffer is back
+        set regions                  # pool slab addresses registered with the stack
         uint64_t n_zc_tx, n_zc_tx_bytes
 
     def __init__(self, BufferPool pool, str poll='busy', *, interfaces=None,
@@ -197,6 +207,7 @@ cdef class RdmaDatapath(StackDatapath):
         self.pool = pool
         self.watched = []
         self.closing = set()
+        self.regions = set()
         if poll not in ('busy', 'sleep'):
             raise ValueError(f'poll must be "busy" or "sleep", not {poll!r}')
         self.poll_mode = poll
@@ -228,6 +239,19 @@ cdef class RdmaDatapath(StackDatapath):
         if self.r is NULL:
             raise ValueError(f'the RDMA datapath: {errbuf.decode(errors="replace")}')
         self.opened = True
+        pool.attach(self)       # its slabs are registered: Buffers are sent without a copy
+
+    # -- zero-copy memory ------------------------------------------------------------------
+    cdef int register_slab(self, _Slab slab) except -1:
+        if self.r is not NULL and self.api.reg_mem(self.r, slab.base, slab.size) == 0:
+            self.regions.add(<uintptr_t>slab.base)
+        return 0
+
+    cdef int unregister_slab(self, _Slab slab) except -1:
+        if self.r is not NULL and <uintptr_t>slab.base in self.regions:
+            self.regions.discard(<uintptr_t>slab.base)
+            self.api.unreg_mem(self.r, slab.base)
+        return 0
 
     def __dealloc__(self):
         # Only a datapath never closed (its loop could not be made) gets here with a stack:
@@ -353,7 +377,7 @@ cdef class RdmaDatapath(StackDatapath):
         cdef RdmaSocket s = <RdmaSocket>sock
         cdef Py_buffer view
         cdef long n
-        cdef bint full = False
+        cdef bint full = False, ref
         cdef list out = s.out
         cdef Py_ssize_t count = len(out)
         if s.c is NULL:
@@ -361,9 +385,22 @@ cdef class RdmaDatapath(StackDatapath):
         while s.out_i < count:
             item = out[s.out_i]
             PyObject_GetBuffer(item, &view, PyBUF_SIMPLE)
+            ref = type(item) is Buffer and view.len >= RDMA_REF_MIN
             try:
                 while s.out_off < view.len:
-                    n = self.api.write(s.c, <char *>view.buf + s.out_off, view.len - s.out_off)
+                    if ref:
+                        n = self.api.write_ref(s.c, <char *>view.buf + s.out_off,
+                                               view.len - s.out_off)
+                        if n == -errno.EFAULT:      # not in a registered slab: copied
+                            ref = False
+                            continue
+                        if n > 0:
+                            self.n_zc_tx += 1
+                            self.n_zc_tx_bytes += n
+                            s.unacked.append((s.tx_queued + n, item))
+                    else:
+                        n = self.api.write(s.c, <char *>view.buf + s.out_off,
+                                           view.len - s.out_off)
                     if n < 0:
                         s.out = None
                         self.later.append((LATER_SEND_ERROR, s, _rdma_oserror(-n, False)))
@@ -504,6 +541,9 @@ cdef class RdmaDatapath(StackDatapath):
         if kind == KB_RDMA_EV_REJECT or ev.conn.owner is NULL:
             return
         s = <RdmaSocket>ev.conn.owner
+        if s.closing and kind == KB_RDMA_EV_RECV:
+            self.api.recv_done(s.lend_c, ev.buf)    # closed: nobody reads it
+            return
         if kind == KB_RDMA_EV_RECV:
             self.n_rx_bytes += ev.len
             s.rx.append((<uintptr_t>ev.data, ev.len, ev.buf))
@@ -551,9 +591,9 @@ cdef class RdmaDatapath(StackDatapath):
         t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
         if t is not None and (s.out is not None or t._send_inflight):
             s.out = None
-            t._on_send_error(exc.errno, None)
+            t._on_send_error(exc.errno, None, exc.strerror)
         elif t is not None and t._recv_armed and not t._recv_stopping:
-            t._on_recv_error(exc.errno)
+            t._on_recv_error(exc.errno, exc.strerror)
         else:
             s.rx_error = exc        # told when the transport reads again or writes
 
@@ -583,6 +623,10 @@ cdef class RdmaDatapath(StackDatapath):
                 self.loop.remove_reader(fd)
         self.watched = []
         self.opened = False
+        self.pool.detach(self)
+        for base in self.regions:
+            self.api.unreg_mem(self.r, <const void *><uintptr_t>base)
+        self.regions.clear()
         if self.lent_now == 0:
             self._destroy()
         else:
@@ -595,10 +639,16 @@ cdef class RdmaDatapath(StackDatapath):
 
     cdef dict stats(self):
         cdef kb_rdma_stats st
-        d = self._stack_stats()
-        d['poll_mode'] = self.poll_mode
-        d['closing'] = len(self.closing)
+        d = {}
         if self.r is not NULL:
             self.api.get_stats(self.r, &st)
             d.update(st)
+            d['device_rx_lent'] = d.pop('rx_lent')   # now; the loop's rx_lent is a total
+        d.update(self._stack_stats())
+        d['poll_mode'] = self.poll_mode
+        d['closing'] = len(self.closing)
+        d['tx_zc'] = self.n_zc_tx
+        d['tx_zc_bytes'] = self.n_zc_tx_bytes
+        d['tx_held'] = sum(len((<RdmaSocket>s).unacked) for s in self.socks.values()) + sum(
+            len((<RdmaSocket>s).unacked) for s in self.closing)
         return d

@@ -71,8 +71,18 @@ typedef struct mark {
     uint64_t sq, slots, bytes;
 } mark;
 
+/* Memory of the caller's (kbloop's buffer pool) that frames may be sent from without a copy:
+ * registered with every device's PD, the ones met later too. */
+#define MAX_DEVS 8
+typedef struct region {
+    const uint8_t *addr;
+    size_t len;
+    struct ibv_mr *mr[MAX_DEVS];     /* by dev->idx */
+} region;
+
 typedef struct dev {
     struct dev *next;
+    int idx;
     struct ibv_context *verbs;
     struct ibv_pd *pd;
     struct ibv_comp_channel *chan;
@@ -110,6 +120,8 @@ typedef struct conn {
     uint32_t credits, tx_seq, unsignalled;
     uint32_t *slot_len;
     uint16_t *slot_flags;
+    const uint8_t **slot_ref;    /* a frame's payload in a registered region, not in the slot */
+    uint32_t *slot_lkey;
     uint64_t slot_done, slot_post, slot_tail;
     uint64_t sq_posted, sq_done, bytes_posted, bytes_done;
     mark *marks;
@@ -133,6 +145,9 @@ struct kb_rdma {
     size_t nevents, cap_events;
     conn *dirty;
     uint64_t next_id;
+    region *regions;
+    uint32_t nregions, cap_regions;
+    int ndevs;
     kb_rdma_stats st;
 };
 
@@ -264,11 +279,74 @@ static conn *conn_new(kb_rdma *r)
 
 /* ------------------------------------------------------------------ devices */
 
+/* Local access only, as the connections' own regions: frames are sent from it, never read or
+ * written by the peer.  A device that refuses leaves mr NULL: frames from it are copied. */
+static void region_register(kb_rdma *r, region *g, dev *d)
+{
+    g->mr[d->idx] = ibv_reg_mr(d->pd, (void *)g->addr, g->len, IBV_ACCESS_LOCAL_WRITE);
+    if (g->mr[d->idx])
+        r->st.pool_mrs++;
+}
+
+static void region_unregister(kb_rdma *r, region *g)
+{
+    for (int i = 0; i < MAX_DEVS; i++)
+        if (g->mr[i]) {
+            ibv_dereg_mr(g->mr[i]);
+            g->mr[i] = NULL;
+            r->st.pool_mrs--;
+        }
+}
+
+int kb_rdma_reg_mem(kb_rdma *r, const void *addr, size_t len)
+{
+    if (r->nregions == r->cap_regions) {
+        uint32_t cap = r->cap_regions ? r->cap_regions * 2 : 16;
+        region *g = realloc(r->regions, cap * sizeof *g);
+        if (g == NULL)
+            return -ENOMEM;
+        r->regions = g;
+        r->cap_regions = cap;
+    }
+    region *g = &r->regions[r->nregions++];
+    memset(g, 0, sizeof *g);
+    g->addr = addr;
+    g->len = len;
+    for (dev *d = r->devs; d; d = d->next)
+        region_register(r, g, d);
+    return 0;
+}
+
+void kb_rdma_unreg_mem(kb_rdma *r, const void *addr)
+{
+    for (uint32_t i = 0; i < r->nregions; i++)
+        if (r->regions[i].addr == addr) {
+            region_unregister(r, &r->regions[i]);
+            r->regions[i] = r->regions[--r->nregions];
+            return;
+        }
+}
+
+/* The key of the registered memory holding [p, p + len) on d, 0 with none. */
+static int region_lkey(kb_rdma *r, dev *d, const uint8_t *p, size_t len, uint32_t *lkey)
+{
+    for (uint32_t i = 0; i < r->nregions; i++) {
+        region *g = &r->regions[i];
+        if (p >= g->addr && p + len <= g->addr + g->len && g->mr[d->idx]) {
+            *lkey = g->mr[d->idx]->lkey;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static dev *dev_get(kb_rdma *r, struct ibv_context *verbs)
 {
     for (dev *d = r->devs; d; d = d->next)
         if (d->verbs == verbs)
             return d;
+    if (r->ndevs >= MAX_DEVS)
+        return NULL;
     dev *d = calloc(1, sizeof *d);
     if (d == NULL)
         return NULL;
@@ -289,6 +367,9 @@ static dev *dev_get(kb_rdma *r, struct ibv_context *verbs)
     }
     d->cq_size = d->cq->cqe;
     d->armed = 1;
+    d->idx = r->ndevs++;
+    for (uint32_t i = 0; i < r->nregions; i++)
+        region_register(r, &r->regions[i], d);
     d->next = r->devs;
     r->devs = d;
     r->st.devices++;
@@ -315,6 +396,12 @@ static int dev_reserve(dev *d, int need)
 
 static void dev_free(kb_rdma *r, dev *d)
 {
+    for (uint32_t i = 0; i < r->nregions; i++)
+        if (r->regions[i].mr[d->idx]) {
+            ibv_dereg_mr(r->regions[i].mr[d->idx]);
+            r->regions[i].mr[d->idx] = NULL;
+            r->st.pool_mrs--;
+        }
     if (d->unacked)
         ibv_ack_cq_events(d->cq, d->unacked);
     ibv_destroy_cq(d->cq);
@@ -358,8 +445,11 @@ static int conn_setup_qp(conn *c)
     c->rx_free = calloc(c->nrecv, sizeof *c->rx_free);
     c->slot_len = calloc(c->nsend, sizeof *c->slot_len);
     c->slot_flags = calloc(c->nsend, sizeof *c->slot_flags);
+    c->slot_ref = calloc(c->nsend, sizeof *c->slot_ref);
+    c->slot_lkey = calloc(c->nsend, sizeof *c->slot_lkey);
     c->marks = calloc(c->sq_cap, sizeof *c->marks);
-    if (!c->rx_state || !c->rx_free || !c->slot_len || !c->slot_flags || !c->marks) {
+    if (!c->rx_state || !c->rx_free || !c->slot_len || !c->slot_flags || !c->slot_ref
+        || !c->slot_lkey || !c->marks) {
         c->dev->cq_used -= need;
         return -ENOMEM;
     }
@@ -378,7 +468,8 @@ static int conn_setup_qp(conn *c)
     qa.sq_sig_all = 0;
     qa.cap.max_send_wr = c->sq_cap;
     qa.cap.max_recv_wr = c->nrecv;
-    qa.cap.max_send_sge = qa.cap.max_recv_sge = 1;
+    qa.cap.max_send_sge = 2;        /* a frame's header, and its payload in caller memory */
+    qa.cap.max_recv_sge = 1;
     qa.cap.max_inline_data = cfg->inline_max;
     if (rdma_create_qp(c->id, c->dev->pd, &qa) != 0) {
         qa.cap.max_inline_data = 0;    /* a device without inline sends */
@@ -461,6 +552,8 @@ static void conn_free(conn *c)
     free(c->rx_free);
     free(c->slot_len);
     free(c->slot_flags);
+    free(c->slot_ref);
+    free(c->slot_lkey);
     free(c->marks);
     free(c);
 }
@@ -668,16 +761,16 @@ static uint16_t take_owed(conn *c)
     return (uint16_t)n;
 }
 
-/* Post one SEND of len bytes at addr; signalled sends record what they cover. */
-static int post_send(conn *c, void *addr, uint32_t len, int signal)
+/* Post one SEND gathered from nsge pieces (len bytes in all); signalled sends record what they
+ * cover. */
+static int post_send_sg(conn *c, struct ibv_sge *sge, int nsge, uint32_t len, int signal)
 {
     kb_rdma *r = c->r;
-    struct ibv_sge sge = {.addr = (uintptr_t)addr, .length = len, .lkey = c->mr->lkey};
     struct ibv_send_wr wr, *bad;
     memset(&wr, 0, sizeof wr);
     wr.wr_id = wr_id(c, 0, 0);
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
+    wr.sg_list = sge;
+    wr.num_sge = nsge;
     wr.opcode = IBV_WR_SEND;
     if (c->unsignalled + 1 >= c->sig_every)
         signal = 1;
@@ -698,6 +791,12 @@ static int post_send(conn *c, void *addr, uint32_t len, int signal)
     }
     c->unsignalled++;
     return 0;
+}
+
+static int post_send(conn *c, void *addr, uint32_t len, int signal)
+{
+    struct ibv_sge sge = {.addr = (uintptr_t)addr, .length = len, .lkey = c->mr->lkey};
+    return post_send_sg(c, &sge, 1, len, signal);
 }
 
 static void push_mark(conn *c)
@@ -732,7 +831,16 @@ static void flush_sends(conn *c)
         put32(f + 8, c->tx_seq);
         /* The last frame of a burst is signalled so its slots come back soon. */
         int last = c->slot_post + 1 == c->slot_tail;
-        int sig = post_send(c, f, HDR_LEN + len, last);
+        int sig;
+        if (c->slot_ref[idx]) {         /* the header here, the payload where the caller has it */
+            struct ibv_sge sge[2] = {
+                {.addr = (uintptr_t)f, .length = HDR_LEN, .lkey = c->mr->lkey},
+                {.addr = (uintptr_t)c->slot_ref[idx], .length = len, .lkey = c->slot_lkey[idx]},
+            };
+            sig = post_send_sg(c, sge, len ? 2 : 1, HDR_LEN + len, last);
+        } else {
+            sig = post_send(c, f, HDR_LEN + len, last);
+        }
         if (sig < 0) {
             conn_fail(c, EIO);
             return;
@@ -760,6 +868,12 @@ static void maybe_send_credits(conn *c)
         return;
     uint64_t peer_left = c->granted - c->consumed;
     if (c->owed < c->thr && !(c->owed_data && peer_left < 2))
+        return;
+    /* Our last credit goes only on a frame that lets the peer send data again: its next data
+     * frame then gives this credit back.  Spent on less, both sides could end up with one
+     * credit each (too few for data), the reserve gone, and nothing owed: a deadlock that an
+     * echo through a slow reader met. */
+    if (c->credits == 1 && peer_left + c->owed < 2)
         return;
     uint8_t *h = c->region + (size_t)(c->nrecv + c->nsend) * c->buf_size
                  + (size_t)(c->sq_posted % c->sq_cap) * HDR_LEN;
@@ -841,8 +955,8 @@ long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
     uint32_t room = c->frame_max - HDR_LEN;
     const uint8_t *src = data;
     size_t taken = 0;
-    /* Small writes waiting for credits share a frame. */
-    if (c->slot_tail > c->slot_post) {
+    /* Small writes waiting for credits share a frame (not one sent from caller memory). */
+    if (c->slot_tail > c->slot_post && !c->slot_ref[(c->slot_tail - 1) % c->nsend]) {
         uint32_t idx = (uint32_t)((c->slot_tail - 1) % c->nsend);
         uint32_t n = room - c->slot_len[idx];
         if (n > len)
@@ -858,8 +972,42 @@ long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
         memcpy(c->region + (size_t)(c->nrecv + idx) * c->buf_size + HDR_LEN, src + taken, n);
         c->slot_len[idx] = n;
         c->slot_flags[idx] = 0;
+        c->slot_ref[idx] = NULL;
         c->slot_tail++;
         c->r->st.tx_slots_busy++;
+        taken += n;
+    }
+    flush_sends(c);
+    return (long)taken;
+}
+
+long kb_rdma_write_ref(kb_rdma_conn *pc, const void *data, size_t len)
+{
+    conn *c = C(pc);
+    if (c->ended)
+        return c->err ? -c->err : -EPIPE;
+    if (c->pub.listening)
+        return -EINVAL;
+    if (c->state != ST_ESTABLISHED)
+        return c->state == ST_DOWN || c->state == ST_DISCONNECTING ? -EPIPE : -ENOTCONN;
+    if (c->eof_queued || c->closing)
+        return -EPIPE;
+    uint32_t lkey;
+    if (!region_lkey(c->r, c->dev, data, len, &lkey))
+        return -EFAULT;
+    uint32_t room = c->frame_max - HDR_LEN;
+    const uint8_t *src = data;
+    size_t taken = 0;
+    while (taken < len && c->slot_tail - c->slot_done < c->nsend) {
+        uint32_t idx = (uint32_t)(c->slot_tail % c->nsend);
+        uint32_t n = len - taken < room ? (uint32_t)(len - taken) : room;
+        c->slot_len[idx] = n;
+        c->slot_flags[idx] = 0;
+        c->slot_ref[idx] = src + taken;
+        c->slot_lkey[idx] = lkey;
+        c->slot_tail++;
+        c->r->st.tx_slots_busy++;
+        c->r->st.ref_frames++;
         taken += n;
     }
     flush_sends(c);
@@ -872,7 +1020,7 @@ size_t kb_rdma_write_room(kb_rdma_conn *pc)
     if (c->state != ST_ESTABLISHED || c->ended || c->eof_queued || c->closing)
         return 0;
     size_t room = (size_t)(c->nsend - (c->slot_tail - c->slot_done)) * (c->frame_max - HDR_LEN);
-    if (c->slot_tail > c->slot_post)
+    if (c->slot_tail > c->slot_post && !c->slot_ref[(c->slot_tail - 1) % c->nsend])
         room += c->frame_max - HDR_LEN - c->slot_len[(c->slot_tail - 1) % c->nsend];
     return room;
 }
@@ -894,6 +1042,7 @@ int kb_rdma_write_eof(kb_rdma_conn *pc)
         uint32_t idx = (uint32_t)(c->slot_tail % c->nsend);
         c->slot_len[idx] = 0;
         c->slot_flags[idx] = F_EOF;
+        c->slot_ref[idx] = NULL;
         c->slot_tail++;
         c->r->st.tx_slots_busy++;
     }
@@ -938,7 +1087,9 @@ static void on_wc(kb_rdma *r, struct ibv_wc *wc)
         if (wc->status == IBV_WC_WR_FLUSH_ERR)
             return;
         r->st.wc_errors++;
-        conn_fail(c, errno_of_wc(wc->status));
+        /* A receive that failed (too long for the buffer: rxe reports it in several ways) is
+         * the peer breaking the wire format. */
+        conn_fail(c, recv ? EPROTO : errno_of_wc(wc->status));
         return;
     }
     if (recv) {
@@ -1246,6 +1397,9 @@ void kb_rdma_free(kb_rdma *r)
         conn_release_memory(c);
         conn_free(c);
     }
+    for (uint32_t i = 0; i < r->nregions; i++)
+        region_unregister(r, &r->regions[i]);
+    free(r->regions);
     while (r->devs) {
         dev *d = r->devs;
         r->devs = d->next;
@@ -1538,6 +1692,7 @@ int kb_rdma_test_send_frame(kb_rdma_conn *pc, uint32_t length_field, uint16_t fl
     put32(f + 8, c->tx_seq++);
     memcpy(f + HDR_LEN, payload, n);
     c->slot_len[idx] = n;
+    c->slot_ref[idx] = NULL;
     c->slot_tail++;
     c->slot_post++;
     c->r->st.tx_slots_busy++;
@@ -1574,4 +1729,7 @@ const kb_rdma_api kb_rdma_api_table = {
     .release = kb_rdma_release,
     .addrs = kb_rdma_addrs,
     .get_stats = kb_rdma_get_stats,
+    .reg_mem = kb_rdma_reg_mem,
+    .unreg_mem = kb_rdma_unreg_mem,
+    .write_ref = kb_rdma_write_ref,
 };

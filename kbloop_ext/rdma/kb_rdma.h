@@ -85,6 +85,8 @@ typedef struct kb_rdma_stats {
     uint64_t credit_waits;   /* a flush found frames queued but no credit to send them */
     uint64_t recv_posts;     /* ibv_post_recv calls (each posts a batch) */
     uint64_t rejects, accepts, connects, errors, eproto, wc_errors, cm_events, polls;
+    uint32_t pool_mrs;       /* registrations of kb_rdma_reg_mem memory (one per device) */
+    uint64_t ref_frames;     /* frames sent from registered caller memory (kb_rdma_write_ref) */
     uint32_t fds_gen;        /* changes when kb_rdma_fds would return a different set */
     uint32_t cq_entries;     /* the CQs' sizes (grown as QPs are added) */
 } kb_rdma_stats;
@@ -134,6 +136,13 @@ kb_rdma_conn *kb_rdma_connect(kb_rdma *r, uint32_t ip, uint16_t port, int *err);
  * (0: the slots are full: wait for KB_RDMA_EV_SENT) or a negative errno (-EPIPE after EOF
  * or close, -ENOTCONN before CONNECTED/ACCEPT, the error of a dead connection). */
 long kb_rdma_write(kb_rdma_conn *c, const void *data, size_t len);
+/* Memory that frames may be sent from without a copy (kbloop's buffer pool): registered with
+ * every RDMA device (LOCAL_WRITE only), now and as devices are met.  0 or a negative errno. */
+int kb_rdma_reg_mem(kb_rdma *r, const void *addr, size_t len);
+void kb_rdma_unreg_mem(kb_rdma *r, const void *addr);
+/* kb_rdma_write without the copy: frames whose payload stays at data (in registered memory,
+ * else -EFAULT) until KB_RDMA_EV_SENT has counted past it.  Returns the bytes taken. */
+long kb_rdma_write_ref(kb_rdma_conn *c, const void *data, size_t len);
 /* Bytes kb_rdma_write would take now. */
 size_t kb_rdma_write_room(kb_rdma_conn *c);
 /* End our direction after what was written; 0 or a negative errno. */
@@ -166,7 +175,7 @@ int kb_rdma_test_send_frame(kb_rdma_conn *c, uint32_t length_field, uint16_t fla
  * this header for the types and calls through the table, so it has no link-time dependency on
  * libibverbs or librdmacm and loads on machines without them. */
 #define KB_RDMA_API_CAPSULE "kbloop_ext.rdma.verbs._C_API"
-#define KB_RDMA_API_VERSION 1
+#define KB_RDMA_API_VERSION 2
 typedef struct kb_rdma_api {
     int version;
     kb_rdma *(*create)(const kb_rdma_config *cfg, char *errbuf, size_t errlen);
@@ -188,6 +197,9 @@ typedef struct kb_rdma_api {
     void (*release)(kb_rdma_conn *c);
     int (*addrs)(kb_rdma_conn *c, uint32_t *lip, uint16_t *lport, uint32_t *rip, uint16_t *rport);
     void (*get_stats)(kb_rdma *r, kb_rdma_stats *st);
+    int (*reg_mem)(kb_rdma *r, const void *addr, size_t len);
+    void (*unreg_mem)(kb_rdma *r, const void *addr);
+    long (*write_ref)(kb_rdma_conn *c, const void *data, size_t len);
 } kb_rdma_api;
 
 extern const kb_rdma_api kb_rdma_api_table;

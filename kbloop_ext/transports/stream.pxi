@@ -159,11 +159,12 @@ cdef class StreamCore(TransportCore):
         if not keep_open:
             self.close()
 
-    cdef void _on_recv_error(self, int err) except *:
+    cdef void _on_recv_error(self, int err, str detail=None) except *:
+        """detail: what the device knows of the cause, for the message (else strerror)."""
         self._recv_armed = False
         if self._closing or self._called_lost:
             return
-        exc = OSError(err, os.strerror(err))
+        exc = OSError(err, detail or os.strerror(err))
         self._fatal_error(exc, 'Fatal read error on socket transport')
 
     def _deliver_stash(self):
@@ -251,13 +252,13 @@ cdef class StreamCore(TransportCore):
                 self._schedule_connection_lost(None)
         self._maybe_resume_protocol()
 
-    cdef void _on_send_error(self, int err, list unsent) except *:
+    cdef void _on_send_error(self, int err, list unsent, str detail=None) except *:
         self._send_inflight = False
         self._wbuf.clear()
         self._wbuf_size = 0
         if self._lost_scheduled:
             return
-        exc = OSError(err, os.strerror(err))
+        exc = OSError(err, detail or os.strerror(err))
         self._fatal_error(exc, 'Fatal write error on socket transport')
 
     cdef _drop_send_queue(self):
