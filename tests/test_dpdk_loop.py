@@ -427,11 +427,19 @@ class Sender(asyncio.Protocol):
     def connection_lost(self, exc):
         self.lost.set_result(exc)
 
+async def ticker(box):
+    while True:            # the loop keeps running while lwIP retransmits
+        await asyncio.sleep(0.5)
+        box[0] += 1
+
 async def main():
     loop = asyncio.get_running_loop()
     before = loop.stats()["dpdk"]
     t, p = await loop.create_connection(Sender, peer, port)
+    ticks = [0]
+    tick = asyncio.ensure_future(ticker(ticks))
     exc = await p.lost
+    tick.cancel()
     for _ in range(100):
         await asyncio.sleep(0.02)
         after = loop.stats()["dpdk"]
@@ -442,10 +450,39 @@ async def main():
         "after_flowing": round(time.monotonic() - p.flowing, 1), "closing": t.is_closing(),
         "sockets_back": after["sockets"] == before["sockets"],
         "conns_back": after["conns_live"] == before["conns_live"],
-        "segs": after["tcp_segs_used"]}), flush=True)
+        "segs": after["tcp_segs_used"], "ticks": ticks[0]}), flush=True)
 
 kbloop.run(main())
 """
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("how", ["link_down", "address_removed"])
+def test_peer_that_disappears_mid_transfer(net, tmp_path, how):
+    """The kernel peer vanishes in the middle of a transfer (no RST, no FIN: it is simply
+    gone): its link goes down, or its address is removed (its kernel then drops our segments
+    and ARP requests in silence).  lwIP retransmits, gives up, and the protocol hears
+    TimeoutError, as asyncio reports a kernel connection whose retransmissions timed out; the
+    stack's connection and its queued segments are freed, and the loop kept running."""
+    server = childproc.Child(net.cmd_b(sys.executable, "-c", KERNEL_SINK_SERVER, "7300"),
+                             what="kernel sink server")
+    server.expect("READY")
+    prog = script(tmp_path, "vanish.py", VANISHING_PEER_PROGRAM)
+    app = App([prog, net.ip_b, "7300"], net=net, ready="FLOWING")
+    if how == "link_down":
+        net.in_b("ip", "link", "set", net.if_b, "down")
+    else:
+        net.in_b("ip", "addr", "flush", "dev", net.if_b)
+    # lwIP gives up after 12 retransmissions with backoff, each timeout between 60 ms and 10 s
+    # (lwipopts.h, patch 0004): 46 s to 2 minutes.  Before those bounds it grew with the RTO
+    # estimate of a young connection, to 10 minutes and more (docs/dpdk.md).
+    out = json.loads(app.expect("RESULT", timeout=300))
+    assert app.wait(30) == 0, app.proc.stderr.read()[-3000:]
+    server.kill()
+    assert out["exc"] == "TimeoutError" and out["errno"] == errno.ETIMEDOUT, out
+    assert out["closing"] and out["sockets_back"] and out["conns_back"], out
+    assert out["segs"] == 0, out
+    assert out["after_flowing"] < 200 and out["ticks"] >= out["after_flowing"], out
 
 
 # ------------------------------------------------------------------ zero copy

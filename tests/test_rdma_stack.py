@@ -329,8 +329,7 @@ def sleep_poll(s, counts, done=lambda: False):
     # Events of one step; sleeps on the stack's fds (they change as devices appear) when
     # there are none and not done().  A missed wake-up shows as the 10 s timeout.
     evs = s.poll()
-    if not evs:
-        s.arm()
+    while not evs and s.arm():      # until every CQ stays armed across a poll
         evs = s.poll()          # what came before the arm
     if not evs and not done():
         counts["sleeps"] += 1

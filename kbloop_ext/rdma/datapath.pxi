@@ -55,7 +55,7 @@ cdef extern from "kb_rdma.h":
         int (*poll)(kb_rdma *r)
         void (*flush)(kb_rdma *r)
         uint32_t (*fds)(kb_rdma *r, int *fds, uint32_t max)
-        void (*arm)(kb_rdma *r)
+        int (*arm)(kb_rdma *r)
         kb_rdma_event *(*events)(kb_rdma *r, size_t *count)
         void (*events_clear)(kb_rdma *r)
         kb_rdma_conn *(*listen)(kb_rdma *r, uint32_t ip, uint16_t port, int backlog, int *err)
@@ -501,16 +501,19 @@ cdef class RdmaDatapath(StackDatapath):
         return <int>i
 
     cdef bint prepare_sleep(self) except -1:
-        """Before the loop sleeps: arm the completion queues, then poll once more (a completion
-        that came before the arm does not wake the fd).  Returns whether there was work, in
-        which case the loop must not sleep."""
+        """Before the loop sleeps: arm the completion queues and poll until arming finds them
+        all still armed (a poll that takes a notification disarms its CQ, and completions that
+        came before an arm never wake the fd: sleeping then would strand them).  Returns
+        whether a poll found work, in which case the loop must not sleep."""
         cdef kb_rdma_stats st
         self.api.get_stats(self.r, &st)
         if st.fds_gen != self.fds_gen:
             self._watch_fds()
             self.fds_gen = st.fds_gen
-        self.api.arm(self.r)
-        return self.poll(0) > 0
+        while self.api.arm(self.r):
+            if self.poll(0) > 0:
+                return True
+        return False
 
     cdef _watch_fds(self):
         cdef int fds[16]

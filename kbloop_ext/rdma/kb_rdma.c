@@ -148,6 +148,7 @@ struct kb_rdma {
     region *regions;
     uint32_t nregions, cap_regions;
     int ndevs;
+    int backlog;            /* the last poll stopped at its limit, completions may be left */
     kb_rdma_stats st;
 };
 
@@ -869,12 +870,6 @@ static void maybe_send_credits(conn *c)
     uint64_t peer_left = c->granted - c->consumed;
     if (c->owed < c->thr && !(c->owed_data && peer_left < 2))
         return;
-    /* Our last credit goes only on a frame that lets the peer send data again: its next data
-     * frame then gives this credit back.  Spent on less, both sides could end up with one
-     * credit each (too few for data), the reserve gone, and nothing owed: a deadlock that an
-     * echo through a slow reader met. */
-    if (c->credits == 1 && peer_left + c->owed < 2)
-        return;
     uint8_t *h = c->region + (size_t)(c->nrecv + c->nsend) * c->buf_size
                  + (size_t)(c->sq_posted % c->sq_cap) * HDR_LEN;
     put32(h, 0);
@@ -1101,18 +1096,21 @@ static void on_wc(kb_rdma *r, struct ibv_wc *wc)
     }
 }
 
+#define POLL_BATCH 32
+#define POLL_BATCHES 16
+
 static int poll_cq(kb_rdma *r, dev *d, int max_batches)
 {
-    struct ibv_wc wc[32];
+    struct ibv_wc wc[POLL_BATCH];
     int total = 0;
     for (int b = 0; b < max_batches; b++) {
-        int n = ibv_poll_cq(d->cq, 32, wc);
+        int n = ibv_poll_cq(d->cq, POLL_BATCH, wc);
         if (n <= 0)
             break;
         for (int i = 0; i < n; i++)
             on_wc(r, &wc[i]);
         total += n;
-        if (n < 32)
+        if (n < POLL_BATCH)
             break;
     }
     return total;
@@ -1427,6 +1425,7 @@ void kb_rdma_flush(kb_rdma *r)
 int kb_rdma_poll(kb_rdma *r)
 {
     r->st.polls++;
+    r->backlog = 0;
     for (dev *d = r->devs; d; d = d->next) {
         struct ibv_cq *cq;
         void *ctx;
@@ -1441,7 +1440,8 @@ int kb_rdma_poll(kb_rdma *r)
                 d->armed = 0;
             }
         }
-        poll_cq(r, d, 16);
+        if (poll_cq(r, d, POLL_BATCHES) == POLL_BATCHES * POLL_BATCH)
+            r->backlog = 1;     /* completions may be left: a sleeper must poll again */
     }
     struct rdma_cm_event *ev;
     for (int i = 0; i < 64 && rdma_get_cm_event(r->ch, &ev) == 0; i++)
@@ -1460,12 +1460,17 @@ uint32_t kb_rdma_fds(kb_rdma *r, int *fds, uint32_t max)
     return n;
 }
 
-void kb_rdma_arm(kb_rdma *r)
+int kb_rdma_arm(kb_rdma *r)
 {
     kb_rdma_flush(r);
+    int again = r->backlog;
     for (dev *d = r->devs; d; d = d->next)
-        if (ibv_req_notify_cq(d->cq, 0) == 0)
-            d->armed = 1;
+        if (!d->armed) {
+            if (ibv_req_notify_cq(d->cq, 0) == 0)
+                d->armed = 1;
+            again = 1;
+        }
+    return again;
 }
 
 void kb_rdma_get_stats(kb_rdma *r, kb_rdma_stats *st)

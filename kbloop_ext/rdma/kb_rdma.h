@@ -116,9 +116,11 @@ void kb_rdma_flush(kb_rdma *r);
 /* Sleep mode: the fds to wait on (the rdma_cm channel's, each device's completion
  * channel's); returns how many (at most max). */
 uint32_t kb_rdma_fds(kb_rdma *r, int *fds, uint32_t max);
-/* Before sleeping on the fds: flushes, then asks each CQ to notify its next completion.  The
- * caller must poll once more after arming (completions before it do not wake the fd). */
-void kb_rdma_arm(kb_rdma *r);
+/* Before sleeping on the fds: flushes, then asks each CQ that is not armed to notify its next
+ * completion.  Returns 1 when the caller must poll (and then arm) again before it may sleep:
+ * a CQ had to be armed (completions that came before do not wake the fd), or the last poll
+ * left completions behind.  0: everything is armed and flushed; sleep. */
+int kb_rdma_arm(kb_rdma *r);
 
 /* Events produced since the last clear; valid until the next call into the stack. */
 kb_rdma_event *kb_rdma_events(kb_rdma *r, size_t *count);
@@ -175,7 +177,7 @@ int kb_rdma_test_send_frame(kb_rdma_conn *c, uint32_t length_field, uint16_t fla
  * this header for the types and calls through the table, so it has no link-time dependency on
  * libibverbs or librdmacm and loads on machines without them. */
 #define KB_RDMA_API_CAPSULE "kbloop_ext.rdma.verbs._C_API"
-#define KB_RDMA_API_VERSION 2
+#define KB_RDMA_API_VERSION 3
 typedef struct kb_rdma_api {
     int version;
     kb_rdma *(*create)(const kb_rdma_config *cfg, char *errbuf, size_t errlen);
@@ -183,7 +185,7 @@ typedef struct kb_rdma_api {
     int (*poll)(kb_rdma *r);
     void (*flush)(kb_rdma *r);
     uint32_t (*fds)(kb_rdma *r, int *fds, uint32_t max);
-    void (*arm)(kb_rdma *r);
+    int (*arm)(kb_rdma *r);
     kb_rdma_event *(*events)(kb_rdma *r, size_t *count);
     void (*events_clear)(kb_rdma *r);
     kb_rdma_conn *(*listen)(kb_rdma *r, uint32_t ip, uint16_t port, int backlog, int *err);

@@ -67,7 +67,7 @@ cdef extern from "kb_rdma.h" nogil:
     int kb_rdma_poll(kb_rdma *r)
     void kb_rdma_flush(kb_rdma *r)
     uint32_t kb_rdma_fds(kb_rdma *r, int *fds, uint32_t max)
-    void kb_rdma_arm(kb_rdma *r)
+    int kb_rdma_arm(kb_rdma *r)
     kb_rdma_event *kb_rdma_events(kb_rdma *r, size_t *count)
     void kb_rdma_events_clear(kb_rdma *r)
     void kb_rdma_get_stats(kb_rdma *r, kb_rdma_stats *st)
@@ -365,8 +365,9 @@ cdef class RdmaStack:
         return [fds[i] for i in range(n)]
 
     def arm(self):
-        """Before sleeping on fds(): re-arm the CQs (then poll once more, then sleep)."""
-        kb_rdma_arm(self.alive())
+        """Before sleeping on fds(): re-arm the CQs.  True: poll, then arm again, before
+        sleeping (a CQ had to be armed, or completions were left); False: sleep."""
+        return bool(kb_rdma_arm(self.alive()))
 
     def stats(self):
         cdef kb_rdma_stats st

@@ -67,6 +67,15 @@
  * has a round trip of microseconds, so tick every 10 ms (RTO floor 20-40 ms, as fine as
  * Linux's 200 ms minimum or finer). */
 #define TCP_TMR_INTERVAL            10
+/* Bounds on the retransmission timeout, in slow ticks (2 * TCP_TMR_INTERVAL = 20 ms), applied
+ * by our patch 0004 (lwip/patches): at least 60 ms (the floor lwIP's integer estimator settled
+ * at on this link anyway) and, backed off, at most 10 s.  lwIP gives up after TCP_MAXRTX (12)
+ * retransmissions, up to 128 RTOs apart: with these bounds a peer that vanished is given up on
+ * after 46 s to 2 minutes, instead of a time that grew with an inflated estimate (10 minutes
+ * and more; Linux: about 15, with TCP_RTO_MAX 120 s). */
+#define KB_TCP_RTO_MIN              (60 / (2 * TCP_TMR_INTERVAL))
+#define KB_TCP_RTO_MAX              (10000 / (2 * TCP_TMR_INTERVAL))
+#define KB_TCP_RTO_BOUND(x)         ((s16_t)LWIP_MIN(LWIP_MAX((x), KB_TCP_RTO_MIN), KB_TCP_RTO_MAX))
 #define TCP_LISTEN_BACKLOG          1
 #define TCP_DEFAULT_LISTEN_BACKLOG  0xff
 #define LWIP_TCP_KEEPALIVE          1
