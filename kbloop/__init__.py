@@ -20,13 +20,13 @@ import warnings
 
 from kbloop_ext.core import (BackendUnavailable, Buffer, BufferPool, Server, SocketTransport,
                              StackSocket, UnixLoopMixin, ZeroCopyProtocol, DpdkDatapath,
-                             RdmaDatapath,
+                             RdmaDatapath, DpdkSocket, RdmaSocket,
                              UringDatapath, _CoreLoop, _set_worker_reuse_port, _tune_malloc,
                              force_uring_failure, probe_io_uring)
 
 __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
            'BackendUnavailable', 'info', 'Server', 'SocketTransport', 'Buffer', 'BufferPool',
-           'ZeroCopyProtocol', 'StackSocket', 'format_stats']
+           'ZeroCopyProtocol', 'StackSocket', 'DpdkSocket', 'RdmaSocket', 'format_stats']
 __version__ = '0.1.0'
 
 BACKENDS = ('io_uring', 'dpdk', 'rdma')
