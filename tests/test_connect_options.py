@@ -116,3 +116,25 @@ def test_kbloop_keep_alive_on_accepted_sockets(kb_run):
             server.close()
 
     kb_run(main)
+
+
+def test_kbloop_datapath_chosen_per_call(kb_run):
+    """create_server/create_connection(datapath=...): "kernel" is accepted on every kbloop
+    loop; a stack this loop does not have is a ValueError that names the choices (the RDMA and
+    DPDK tests force their stacks and the kernel on their own addresses)."""
+    async def main():
+        server = await asyncio.start_server(lambda r, w: w.close(), LOCAL, 0,
+                                            datapath="kernel")
+        port = server.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection(LOCAL, port, datapath="kernel")
+        assert await r.read() == b""
+        w.close()
+        for bad in ("rdma", "dpdk", "tcp"):
+            with pytest.raises(ValueError, match=r"\['kernel'\]"):
+                await asyncio.open_connection(LOCAL, port, datapath=bad)
+            with pytest.raises(ValueError, match=r"\['kernel'\]"):
+                await asyncio.start_server(lambda r, w: None, LOCAL, 0, datapath=bad)
+        server.close()
+        await server.wait_closed()
+
+    kb_run(main)

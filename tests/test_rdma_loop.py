@@ -324,6 +324,33 @@ async def bad_input():
     report("bad_input", **out)
 
 
+async def per_call():
+    """datapath= per call: kernel TCP on an RDMA device's own address, beside RDMA."""
+    out = {}
+    server = await asyncio.start_server(echo_server, IP, 0, datapath="kernel")
+    port = server.sockets[0].getsockname()[1]
+    out["server_fileno"] = server.sockets[0].fileno()
+    r, w = await asyncio.open_connection(IP, port, datapath="kernel")
+    sock = w.get_extra_info("socket")
+    out["client_socket"] = [type(getattr(sock, "_sock", sock)).__name__, sock.fileno()]
+    w.write(b"over the kernel")
+    w.write_eof()
+    out["echo"] = (await asyncio.wait_for(r.read(), 30)).decode()
+    w.close()
+    await w.wait_closed()
+    try:    # the same address and port by address routing: RDMA, where nobody listens
+        await asyncio.open_connection(IP, port)
+    except OSError as exc:
+        out["routed"] = [type(exc).__name__, exc.errno]
+    try:
+        await asyncio.open_connection(IP, port, datapath="dpdk")
+    except ValueError as exc:
+        out["bad_choice"] = str(exc)
+    server.close()
+    await server.wait_closed()
+    report("per_call", **out)
+
+
 class Holder(kbloop.ZeroCopyProtocol):
     """Holds the Buffers it gets until told to let them go."""
     def __init__(self):
@@ -408,7 +435,8 @@ async def main():
         status = await asyncio.wait_for(proc.wait(), 30)
         report("example_stopped", status=status)
     for name, fn in (("many", many), ("killed_client", killed_client), ("refused", refused),
-                     ("bad_input", bad_input), ("zero_copy", zero_copy)):
+                     ("bad_input", bad_input), ("zero_copy", zero_copy),
+                     ("per_call", per_call)):
         await check(name, fn())
 
 
@@ -542,6 +570,16 @@ def test_zero_copy_protocol_and_pool_buffer_sends(guest):
     # until the peer had it.
     assert r["stats"]["tx_zc_bytes"] == 4 << 20 and r["stats"]["ref_frames"] > 0, r
     assert r["stats"]["pool_mrs"] >= 1 and r["stats"]["tx_held"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_datapath_chosen_per_call(guest):
+    r = get(guest, "per_call")
+    assert r["server_fileno"] >= 0                  # a kernel listener on the RDMA address
+    assert r["client_socket"][0] == "socket" and r["client_socket"][1] >= 0
+    assert r["echo"] == "over the kernel"
+    assert r["routed"] == ["ConnectionRefusedError", 111]    # by address: RDMA
+    assert "kernel" in r["bad_choice"] and "rdma" in r["bad_choice"]
 
 
 @pytest.mark.timeout(600)

@@ -34,6 +34,8 @@ def _tune_malloc(int trim_threshold, int mmap_threshold):
 
 
 _connect_attempts = contextvars.ContextVar('kbloop_connect_attempts', default=None)
+# create_connection(datapath=...): the datapath that this call's connections must take.
+_connect_datapath = contextvars.ContextVar('kbloop_connect_datapath', default=None)
 cdef double MAXIMUM_TIMEOUT = 24 * 3600
 
 
@@ -650,8 +652,28 @@ cdef class _CoreLoop:
         sock.close()
 
     # -- create_connection: asyncio's, plus all_errors (3.12) on every Python ----------------
+    cdef object _check_datapath_choice(self, datapath):
+        """create_connection/create_server(datapath=): None routes by address; "kernel" is
+        io_uring (the kernel's TCP/IP); the name of this loop's stack ("dpdk", "rdma") forces
+        that stack."""
+        if datapath is None or datapath == 'kernel':
+            return datapath
+        if self._net is not None and datapath == self._net.name:
+            return datapath
+        choices = ['kernel'] + ([self._net.name] if self._net is not None else [])
+        raise ValueError(f'datapath must be None or one of {choices} on this loop, '
+                         f'not {datapath!r}')
+
     async def create_connection(self, protocol_factory, host=None, port=None, *,
-                                all_errors=False, **kwargs):
+                                all_errors=False, datapath=None, **kwargs):
+        if datapath is not None:
+            self._check_datapath_choice(datapath)
+            token = _connect_datapath.set(datapath)
+            try:
+                return await self.create_connection(protocol_factory, host, port,
+                                                    all_errors=all_errors, **kwargs)
+            finally:
+                _connect_datapath.reset(token)
         if _CREATE_CONNECTION_HAS_ALL_ERRORS:
             return await base_events.BaseEventLoop.create_connection(
                 self, protocol_factory, host, port, all_errors=all_errors, **kwargs)
@@ -677,8 +699,14 @@ cdef class _CoreLoop:
         attempts = _connect_attempts.get()
         if attempts is not None and not any(a is exceptions for a in attempts):
             attempts.append(exceptions)
-        if (self._net is not None and addr_info[0] == AF_INET and not local_addr_infos
-                and self._net.reaches(addr_info[4][0])):
+        choice = _connect_datapath.get()
+        if self._net is not None and choice == self._net.name:
+            if addr_info[0] != AF_INET or local_addr_infos:
+                raise OSError(errno.EAFNOSUPPORT, f'the {choice} datapath connects to IPv4 '
+                              'addresses, without local_addr')
+            return await self._connect_stack(exceptions, addr_info[4])
+        if (self._net is not None and choice is None and addr_info[0] == AF_INET
+                and not local_addr_infos and self._net.reaches(addr_info[4][0])):
             return await self._connect_stack(exceptions, addr_info[4])
         return await base_events.BaseEventLoop._connect_sock(
             self, exceptions, addr_info, local_addr_infos)
@@ -758,7 +786,7 @@ cdef class _CoreLoop:
                             family=AF_UNSPEC, flags=AI_PASSIVE, sock=None, backlog=100,
                             ssl=None, reuse_address=None, reuse_port=None, keep_alive=None,
                             ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
-                            start_serving=True):
+                            start_serving=True, datapath=None):
         _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if sock is not None:
             base_events._check_ssl_socket(sock)
@@ -769,7 +797,13 @@ cdef class _CoreLoop:
                 reuse_address = True
             if reuse_port is None and _WORKER_REUSE_PORT:
                 reuse_port = True       # a kbloop worker: the port is shared with its siblings
-            if self._net is not None and self._stack_serves(host, family):
+            self._check_datapath_choice(datapath)
+            if self._net is not None and datapath == self._net.name:
+                if family not in (AF_UNSPEC, AF_INET) or not self._stack_serves(host, family):
+                    raise OSError(errno.EADDRNOTAVAIL, f'{host!r} is not an address of the '
+                                  f'{datapath} datapath')
+                sockets = self._bind_stack(host, port)
+            elif self._net is not None and datapath is None and self._stack_serves(host, family):
                 sockets = self._bind_stack(host, port)
             else:
                 sockets = await self._bind_listening(host, port, family, flags, reuse_address,
