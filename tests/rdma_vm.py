@@ -22,6 +22,7 @@ import ctypes
 import fcntl
 import glob
 import hashlib
+import json
 import lzma
 import os
 import re
@@ -639,6 +640,25 @@ def wait_all(guests, timeout=120):
 
 
 # ---------------------------------------------------------------------------------------------
+
+def run_checks(cmd, timeout):
+    """Run a guest script that prints `RESULT <check> <json>` lines (the RDMA tests' way of
+    doing many checks in one boot): (its Result, {check: decoded json})."""
+    result = run_guest(cmd, timeout=timeout)
+    found = {m.group(1): json.loads(m.group(2))
+             for m in re.finditer(r"^RESULT (\w+) (.*)$", result.output, re.M)}
+    print(f"guest: {result.total_s:.1f} s in all; output:\n{result.output}")
+    return result, found
+
+
+def check_result(checks, name):
+    """One check of run_checks(): present, and without an "exception" entry."""
+    result, found = checks
+    assert name in found, f"no result {name}; guest output:\n{result.output}"
+    r = found[name]
+    assert "exception" not in r, r["exception"] + "\n" + result.output
+    return r
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(

@@ -478,20 +478,10 @@ def _digest(seed, n):
 def guest():
     cmd = (f"{sys.executable} - {STREAM_BYTES} {SEED} <<'KB_RDMA_EOF'\n{GUEST_SCRIPT}\n"
            "KB_RDMA_EOF\n")
-    result = rdma_vm.run_guest(cmd, timeout=420)
-    results = {}
-    for m in re.finditer(r"^RESULT (\w+) (.*)$", result.output, re.M):
-        results[m.group(1)] = json.loads(m.group(2))
-    print(f"guest: {result.total_s:.1f} s in all; output:\n{result.output}")
-    return result, results
+    return rdma_vm.run_checks(cmd, timeout=420)
 
 
-def get(guest, name):
-    result, results = guest
-    assert name in results, f"no result {name}; guest output:\n{result.output}"
-    r = results[name]
-    assert "exception" not in r, r["exception"] + "\n" + result.output
-    return r
+get = rdma_vm.check_result
 
 
 @pytest.mark.timeout(600)

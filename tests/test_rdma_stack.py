@@ -417,20 +417,10 @@ def _expected_digest(seed):
 @pytest.fixture(scope="module")
 def guest():
     cmd = f"{sys.executable} - {STREAM_BYTES} <<'KB_RDMA_EOF'\n{GUEST_SCRIPT}\nKB_RDMA_EOF\n"
-    result = rdma_vm.run_guest(cmd, timeout=170)
-    results = {}
-    for m in re.finditer(r"^RESULT (\w+) (.*)$", result.output, re.M):
-        results[m.group(1)] = json.loads(m.group(2))
-    print(f"guest: {result.total_s:.1f} s in all; output:\n{result.output}")
-    return result, results
+    return rdma_vm.run_checks(cmd, timeout=170)
 
 
-def get(guest, name):
-    result, results = guest
-    assert name in results, f"no result {name}; guest output:\n{result.output}"
-    r = results[name]
-    assert "exception" not in r, r["exception"] + "\n" + result.output
-    return r
+get = rdma_vm.check_result
 
 
 ZERO = {"qps": 0, "mrs": 0, "cm_ids": 0, "conns": 0, "rx_posted": 0, "rx_lent": 0,

@@ -936,9 +936,9 @@ static void on_send_done(conn *c)
     mark_dirty(c);
 }
 
-long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
+/* Whether c takes writes now: 0, or the negative errno a write returns. */
+static int write_refused(conn *c)
 {
-    conn *c = C(pc);
     if (c->ended)
         return c->err ? -c->err : -EPIPE;
     if (c->pub.listening)
@@ -947,6 +947,15 @@ long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
         return c->state == ST_DOWN || c->state == ST_DISCONNECTING ? -EPIPE : -ENOTCONN;
     if (c->eof_queued || c->closing)
         return -EPIPE;
+    return 0;
+}
+
+long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
+{
+    conn *c = C(pc);
+    int refused = write_refused(c);
+    if (refused)
+        return refused;
     uint32_t room = c->frame_max - HDR_LEN;
     const uint8_t *src = data;
     size_t taken = 0;
@@ -979,14 +988,9 @@ long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
 long kb_rdma_write_ref(kb_rdma_conn *pc, const void *data, size_t len)
 {
     conn *c = C(pc);
-    if (c->ended)
-        return c->err ? -c->err : -EPIPE;
-    if (c->pub.listening)
-        return -EINVAL;
-    if (c->state != ST_ESTABLISHED)
-        return c->state == ST_DOWN || c->state == ST_DISCONNECTING ? -EPIPE : -ENOTCONN;
-    if (c->eof_queued || c->closing)
-        return -EPIPE;
+    int refused = write_refused(c);
+    if (refused)
+        return refused;
     uint32_t lkey;
     if (!region_lkey(c->r, c->dev, data, len, &lkey))
         return -EFAULT;
