@@ -583,12 +583,15 @@ IP = os.environ["VM_ADDR"]
 errors = []
 
 async def handler(reader, writer):
+    # The server only reads: with nothing of its own in flight, it is the datapath's liveness
+    # probes (a zero-length RDMA WRITE each second) whose retries run out.
     n = 0
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 errors.append("EOF")
+                writer.write(b"x" * n)
                 break
             n += len(data)
             if n >= 1 << 20 and not errors:
@@ -607,10 +610,11 @@ async def main():
     r, w = await asyncio.open_connection(IP, 7300)
     w.write(b"x" * 100)
     w.write_eof()
-    await asyncio.sleep(0.5)
+    echoed = await asyncio.wait_for(r.read(), 30)
     w.close()
     await w.wait_closed()
-    report("after", connections=rstats()["conns"], errors=errors[2:])
+    report("after", connections=rstats()["conns"], errors=errors[2:], echoed=len(echoed),
+           probes=rstats()["probes"])
     server.close()
     await server.wait_closed()
 
@@ -632,6 +636,10 @@ async def main():
         print("never connected", flush=True)
         sys.exit(3)
     print("writing", flush=True)
+    async def read_back():
+        while await r.read(1 << 20):
+            pass
+    reading = asyncio.ensure_future(read_back())
     chunk = b"w" * 65536
     while True:
         w.write(chunk)
@@ -658,4 +666,5 @@ def test_two_guests_survivor_reports_the_cut_link():
     assert results["lost"]["error"][:2] == ["ConnectionResetError", 104], result.output
     assert "retries exhausted" in results["lost"]["error"][2]
     assert results["after"]["errors"] == ["EOF"], result.output
+    assert results["after"]["echoed"] == 100 and results["after"]["probes"] > 0
     assert "DONE" in result.output

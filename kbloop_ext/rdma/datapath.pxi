@@ -46,7 +46,7 @@ cdef extern from "kb_rdma.h":
         uint64_t msgs_tx, msgs_rx, bytes_tx, bytes_rx, credit_waits, recv_posts
         uint64_t rejects, accepts, connects, errors, eproto, wc_errors, cm_events, polls
         uint32_t pool_mrs
-        uint64_t ref_frames
+        uint64_t ref_frames, probes
         uint32_t fds_gen, cq_entries
     ctypedef struct kb_rdma_api:
         int version
@@ -73,6 +73,7 @@ cdef extern from "kb_rdma.h":
         int (*reg_mem)(kb_rdma *r, const void *addr, size_t len)
         void (*unreg_mem)(kb_rdma *r, const void *addr)
         long (*write_ref)(kb_rdma_conn *c, const void *data, size_t len)
+        void (*tick)(kb_rdma *r)
     enum:
         KB_RDMA_EV_ACCEPT, KB_RDMA_EV_CONNECTED, KB_RDMA_EV_RECV, KB_RDMA_EV_EOF,
         KB_RDMA_EV_SENT, KB_RDMA_EV_ERROR, KB_RDMA_EV_CLOSED, KB_RDMA_EV_REJECT
@@ -88,6 +89,9 @@ cdef int RDMA_MAX_FDS = 16
 # the send slot and its payload from the Buffer); smaller ones are copied into a slot, where
 # they can share a frame with other small writes.
 cdef Py_ssize_t RDMA_REF_MIN = 1024
+# Seconds between liveness probes of connections with nothing in flight (kb_rdma_tick): with
+# retry_count 6, a vanished peer is noticed some 16 s after it went.
+cdef double RDMA_PROBE_INTERVAL = 1.0
 
 
 cdef object _rdma_oserror(int err, bint connecting):
@@ -195,6 +199,7 @@ cdef class RdmaDatapath(StackDatapath):
         set closing                  # closed sockets whose zero-copy data is still in flight
         bint free_pending            # closed, the stack freed when the last Buffer is back
         set regions                  # pool slab addresses registered with the stack
+        object ticker                # the loop's timer for kb_rdma_tick, once connections exist
         uint64_t n_zc_tx, n_zc_tx_bytes
 
     def __init__(self, BufferPool pool, str poll='busy', *, interfaces=None,
@@ -295,6 +300,16 @@ cdef class RdmaDatapath(StackDatapath):
         self._init_socket(s)
         return s
 
+    cdef _start_ticking(self):
+        if self.ticker is None:
+            self.ticker = self.loop.call_later(RDMA_PROBE_INTERVAL, self._tick)
+
+    def _tick(self):
+        self.ticker = None
+        if self.opened and self.r is not NULL:
+            self.api.tick(self.r)
+            self._start_ticking()
+
     cdef _listen(self, StackSocket sock, int backlog):
         cdef RdmaSocket s = <RdmaSocket>sock
         cdef int err = 0
@@ -310,6 +325,7 @@ cdef class RdmaDatapath(StackDatapath):
             raise _rdma_oserror(-err, False)
         s._listening = True
         s._attach_conn(c)
+        self._start_ticking()
 
     def connect(self, RdmaSocket s, address):
         """Start connecting (rdma_cm resolves the address and route); returns a future
@@ -324,6 +340,7 @@ cdef class RdmaDatapath(StackDatapath):
         s._peer = (host, port)
         s.connect_fut = self.loop.create_future()
         s._attach_conn(c)
+        self._start_ticking()
         return s.connect_fut
 
     cdef _shutdown_sock(self, StackSocket sock):
@@ -616,6 +633,9 @@ cdef class RdmaDatapath(StackDatapath):
             if s.closing:
                 self._end_closing(s)
         self.later = []
+        if self.ticker is not None:
+            self.ticker.cancel()
+            self.ticker = None
         try:
             self.api.poll(self.r)       # the disconnects go out now
             self.api.events_clear(self.r)

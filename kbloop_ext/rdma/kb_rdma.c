@@ -149,6 +149,7 @@ struct kb_rdma {
     uint32_t nregions, cap_regions;
     int ndevs;
     int backlog;            /* the last poll stopped at its limit, completions may be left */
+    uint32_t cm_skip;       /* polls until the rdma_cm channel is read again */
     kb_rdma_stats st;
 };
 
@@ -274,6 +275,7 @@ static conn *conn_new(kb_rdma *r)
     r->table[c->slot] = c;
     c->pub.id = ++r->next_id;
     c->raw_priv_len = -1;
+    r->cm_skip = 0;         /* its rdma_cm events are coming: look at every poll for now */
     r->st.conns++;
     return c;
 }
@@ -950,6 +952,41 @@ static int write_refused(conn *c)
     return 0;
 }
 
+/* Liveness probe: a zero-length RDMA WRITE takes no receive buffer, no credit and no memory key
+ * at the peer, but the peer's adapter must acknowledge it, so a peer that is gone makes its
+ * retries run out (ETIMEDOUT) even on a connection with nothing else in flight: one waiting
+ * for credits that will never come, or an idle one.  (RC responders accept zero-length
+ * writes without checking a key; rdma_cm enables remote write on its QPs.) */
+static void probe(conn *c)
+{
+    struct ibv_send_wr wr, *bad;
+    memset(&wr, 0, sizeof wr);
+    wr.wr_id = wr_id(c, 0, 0);
+    wr.opcode = IBV_WR_RDMA_WRITE;
+    wr.num_sge = 0;
+    wr.send_flags = IBV_SEND_SIGNALED;
+    if (ibv_post_send(c->id->qp, &wr, &bad) != 0) {
+        conn_fail(c, EIO);
+        return;
+    }
+    c->sq_posted++;
+    c->unsignalled = 0;
+    c->r->st.probes++;
+    push_mark(c);
+}
+
+void kb_rdma_tick(kb_rdma *r)
+{
+    for (uint32_t i = 0; i < r->table_cap; i++) {
+        conn *c = r->table[i];
+        /* No signalled send outstanding (those are retried, and tell, on their own); the
+         * unsignalled ones since are covered by the probe's completion. */
+        if (c && !c->pub.listening && c->state == ST_ESTABLISHED && !c->ended && c->qp_alive
+            && c->nmarks == 0 && !sq_full(c))
+            probe(c);
+    }
+}
+
 long kb_rdma_write(kb_rdma_conn *pc, const void *data, size_t len)
 {
     conn *c = C(pc);
@@ -1101,6 +1138,7 @@ static void on_wc(kb_rdma *r, struct ibv_wc *wc)
 }
 
 #define POLL_BATCH 32
+#define CM_POLL_EVERY 64
 #define POLL_BATCHES 16
 
 static int poll_cq(kb_rdma *r, dev *d, int max_batches)
@@ -1447,9 +1485,21 @@ int kb_rdma_poll(kb_rdma *r)
         if (poll_cq(r, d, POLL_BATCHES) == POLL_BATCHES * POLL_BATCH)
             r->backlog = 1;     /* completions may be left: a sleeper must poll again */
     }
-    struct rdma_cm_event *ev;
-    for (int i = 0; i < 64 && rdma_get_cm_event(r->ch, &ev) == 0; i++)
-        on_cm_event(r, ev);
+    /* Reading the rdma_cm channel is a system call: a busy poller looks at it every
+     * CM_POLL_EVERY polls; the first poll after an arm (a sleeper just woken, maybe by that
+     * channel) and after a listen or connect always looks. */
+    if (r->cm_skip == 0) {
+        struct rdma_cm_event *ev;
+        int n = 0;
+        while (n < 64 && rdma_get_cm_event(r->ch, &ev) == 0) {
+            on_cm_event(r, ev);
+            n++;
+        }
+        /* Busy with connections: keep looking at every poll. */
+        r->cm_skip = n ? 0 : CM_POLL_EVERY;
+    } else {
+        r->cm_skip--;
+    }
     kb_rdma_flush(r);
     return (int)r->nevents;
 }
@@ -1467,6 +1517,7 @@ uint32_t kb_rdma_fds(kb_rdma *r, int *fds, uint32_t max)
 int kb_rdma_arm(kb_rdma *r)
 {
     kb_rdma_flush(r);
+    r->cm_skip = 0;
     int again = r->backlog;
     for (dev *d = r->devs; d; d = d->next)
         if (!d->armed) {
@@ -1741,4 +1792,5 @@ const kb_rdma_api kb_rdma_api_table = {
     .reg_mem = kb_rdma_reg_mem,
     .unreg_mem = kb_rdma_unreg_mem,
     .write_ref = kb_rdma_write_ref,
+    .tick = kb_rdma_tick,
 };

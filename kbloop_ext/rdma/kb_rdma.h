@@ -87,6 +87,7 @@ typedef struct kb_rdma_stats {
     uint64_t rejects, accepts, connects, errors, eproto, wc_errors, cm_events, polls;
     uint32_t pool_mrs;       /* registrations of kb_rdma_reg_mem memory (one per device) */
     uint64_t ref_frames;     /* frames sent from registered caller memory (kb_rdma_write_ref) */
+    uint64_t probes;         /* liveness probes sent (kb_rdma_tick) */
     uint32_t fds_gen;        /* changes when kb_rdma_fds would return a different set */
     uint32_t cq_entries;     /* the CQs' sizes (grown as QPs are added) */
 } kb_rdma_stats;
@@ -145,6 +146,10 @@ void kb_rdma_unreg_mem(kb_rdma *r, const void *addr);
 /* kb_rdma_write without the copy: frames whose payload stays at data (in registered memory,
  * else -EFAULT) until KB_RDMA_EV_SENT has counted past it.  Returns the bytes taken. */
 long kb_rdma_write_ref(kb_rdma_conn *c, const void *data, size_t len);
+/* Call about once a second: probes every established connection with no signalled send in flight
+ * (a zero-length RDMA WRITE the peer's adapter must acknowledge), so that a vanished peer ends
+ * it with ETIMEDOUT (retries exhausted) instead of never being noticed. */
+void kb_rdma_tick(kb_rdma *r);
 /* Bytes kb_rdma_write would take now. */
 size_t kb_rdma_write_room(kb_rdma_conn *c);
 /* End our direction after what was written; 0 or a negative errno. */
@@ -177,7 +182,7 @@ int kb_rdma_test_send_frame(kb_rdma_conn *c, uint32_t length_field, uint16_t fla
  * this header for the types and calls through the table, so it has no link-time dependency on
  * libibverbs or librdmacm and loads on machines without them. */
 #define KB_RDMA_API_CAPSULE "kbloop_ext.rdma.verbs._C_API"
-#define KB_RDMA_API_VERSION 3
+#define KB_RDMA_API_VERSION 4
 typedef struct kb_rdma_api {
     int version;
     kb_rdma *(*create)(const kb_rdma_config *cfg, char *errbuf, size_t errlen);
@@ -202,6 +207,7 @@ typedef struct kb_rdma_api {
     int (*reg_mem)(kb_rdma *r, const void *addr, size_t len);
     void (*unreg_mem)(kb_rdma *r, const void *addr);
     long (*write_ref)(kb_rdma_conn *c, const void *data, size_t len);
+    void (*tick)(kb_rdma *r);
 } kb_rdma_api;
 
 extern const kb_rdma_api kb_rdma_api_table;

@@ -48,7 +48,7 @@ cdef extern from "kb_rdma.h" nogil:
         uint64_t msgs_tx, msgs_rx, bytes_tx, bytes_rx, credit_waits, recv_posts
         uint64_t rejects, accepts, connects, errors, eproto, wc_errors, cm_events, polls
         uint32_t pool_mrs
-        uint64_t ref_frames
+        uint64_t ref_frames, probes
         uint32_t fds_gen, cq_entries
 
     ctypedef struct kb_rdma_conn_stats:
