@@ -703,13 +703,8 @@ def _own_cpu():
 
 def host_info():
     import platform
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+    from .runner import cpu_model
+    return {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
             "python": platform.python_version(), "loadavg_before": os.getloadavg()}
 
 

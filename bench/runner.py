@@ -459,6 +459,15 @@ def wait_until_quiet(timeout, window=1.0):
     return False
 
 
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo ("" if it has none)."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
 def machine_info():
     """What a reader needs to compare numbers across machines."""
     def version(argv, pattern=r"(\d[\w.~+-]*)"):
@@ -474,15 +483,9 @@ def machine_info():
                            cwd=REPO, capture_output=True, text=True)
         return r.stdout.strip() or None
 
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     return {
         "nproc": os.cpu_count(),
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "os": platform.freedesktop_os_release().get("PRETTY_NAME", "") if hasattr(
