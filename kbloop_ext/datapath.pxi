@@ -105,23 +105,27 @@ cdef class Datapath:
         raise NotImplementedError
 
     # -- one-shot operations resolving a future (sock_* and connect) ---------------------
-    cdef object sock_recvfrom(self, object fut, int fd, object buf, Py_ssize_t nbytes,
+    # Each returns its operation object.  When the future is cancelled, the device cancels
+    # the operation; what the kernel still completed for a cancelled receive or accept goes
+    # to loop._sock_keep() (served to the next call on the socket), and the operation's
+    # `settled` future (from loop._sock_settling()) is resolved once it is over.
+    cdef object sock_recvfrom(self, object fut, object sock, object buf, Py_ssize_t nbytes,
                               bint into):
         raise NotImplementedError
 
-    cdef object sock_sendto(self, object fut, int fd, object data, bytes sockaddr):
+    cdef object sock_sendto(self, object fut, object sock, object data, bytes sockaddr):
         raise NotImplementedError
 
-    cdef object sock_connect(self, object fut, int fd, bytes sockaddr, object address):
+    cdef object sock_connect(self, object fut, object sock, bytes sockaddr, object address):
         raise NotImplementedError
 
     cdef object sock_accept(self, object fut, object sock):
         raise NotImplementedError
 
-    cdef object sock_recv(self, object fut, int fd, object buf, bint into):
+    cdef object sock_recv(self, object fut, object sock, object buf, bint into):
         raise NotImplementedError
 
-    cdef object sock_send(self, object fut, int fd, object data):
+    cdef object sock_send(self, object fut, object sock, object data):
         raise NotImplementedError
 
     # -- readiness, for add_reader/add_writer --------------------------------------------

@@ -47,6 +47,42 @@ cdef inline double _monotonic():
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef class _SockKept:
+    """Per socket: cancelled sock_* operations not over yet in the kernel, and what they
+    completed after their callers gave up (served to the next call on the socket)."""
+    cdef:
+        _CoreLoop loop
+        object sock_ref         # weakref: when the socket object goes, so does this
+        int fd
+        list settling           # futures of cancelled operations still in the kernel
+        list received           # (bytes, address)
+        list accepted           # (socket, address)
+
+    def __init__(self, _CoreLoop loop, sock, int fd):
+        self.loop = loop
+        self.fd = fd
+        self.settling = []
+        self.received = []
+        self.accepted = []
+        self.sock_ref = weakref.ref(sock, self._socket_gone)
+
+    def _socket_gone(self, ref):
+        self.drop()
+        if self.loop._sock_kept_by_fd.get(self.fd) is self:
+            del self.loop._sock_kept_by_fd[self.fd]
+
+    cdef drop(self):
+        for conn, _ in self.accepted:
+            conn.close()
+        self.accepted = []
+        self.received = []
+
+    cdef release_if_empty(self):
+        if not (self.settling or self.received or self.accepted):
+            if self.loop._sock_kept_by_fd.get(self.fd) is self:
+                del self.loop._sock_kept_by_fd[self.fd]
+
+
 cdef class _CoreLoop:
     cdef:
         public bint _stopping
@@ -62,6 +98,7 @@ cdef class _CoreLoop:
         dict _readers, _writers  # fd -> FdWatch
         dict _listeners          # listening fd -> Listener
         dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
+        dict _sock_kept_by_fd    # fd -> _SockKept: what cancelled sock_* calls left behind
         readonly Datapath _dp
         readonly Datapath _net   # a datapath with its own stack (DPDK, RDMA) beside _dp, or None
         uint64_t _iterations
@@ -85,6 +122,7 @@ cdef class _CoreLoop:
         self._writers = {}
         self._listeners = {}
         self._transports = {}
+        self._sock_kept_by_fd = {}
         self._clock_resolution = time.get_clock_info('monotonic').resolution
         # State that the methods inherited from asyncio.BaseEventLoop read and write.
         self._default_executor = None
@@ -481,6 +519,12 @@ cdef class _CoreLoop:
         return self._remove_watch(self._writers, fd)
 
     # -- sock_* on the ring -------------------------------------------------------------------
+    # In the completion model the kernel may finish a receive or an accept that the caller has
+    # already given up (cancelled, timed out).  Its result is never dropped: it is kept for the
+    # next call on that socket (_SockKept), and a cancelled call returns only once its
+    # operation is over in the kernel, so that nothing it started goes on behind the caller
+    # (a sock_sendall sends no more after its CancelledError) and the next call on the socket
+    # sees the data in order.
     cdef _check_sock(self, sock):
         if isinstance(sock, StackSocket):
             raise TypeError(f'loop.sock_*() needs a kernel socket, not a {type(sock).__name__}: '
@@ -490,17 +534,107 @@ cdef class _CoreLoop:
             raise ValueError('the socket must be non-blocking')
         self._ensure_fd_no_transport(sock.fileno())
 
+    cdef _SockKept _sock_kept(self, sock, int fd, bint create):
+        cdef _SockKept kept = self._sock_kept_by_fd.get(fd)
+        if kept is not None and kept.sock_ref() is not sock:
+            kept.drop()         # a closed socket's leftovers: never routed to a reused fd
+            del self._sock_kept_by_fd[fd]
+            kept = None
+        if kept is None and create:
+            kept = _SockKept(self, sock, fd)
+            self._sock_kept_by_fd[fd] = kept
+        return kept
+
+    def _sock_settling(self, sock, int fd):
+        """A datapath cancels an operation on sock: the future that says it is over."""
+        fut = self.create_future()
+        self._sock_kept(sock, fd, True).settling.append(fut)
+        return fut
+
+    def _sock_keep(self, sock, int fd, bint accepted, item):
+        """What the kernel completed for a cancelled call: (data, address) received, or an
+        accepted (socket, address)."""
+        cdef _SockKept kept
+        if sock.fileno() != fd:     # closed meanwhile: nobody can receive it any more
+            if accepted:
+                item[0].close()
+            return
+        kept = self._sock_kept(sock, fd, True)
+        (kept.accepted if accepted else kept.received).append(item)
+
+    async def _sock_leftover(self, sock, bint accept):
+        """Wait for cancelled operations on sock to settle; then what they left, or None."""
+        cdef _SockKept kept = self._sock_kept(sock, sock.fileno(), False)
+        if kept is None:
+            return None
+        while kept.settling:
+            await kept.settling[0]
+            if kept.settling and kept.settling[0].done():
+                kept.settling.pop(0)
+        items = kept.accepted if accept else kept.received
+        if not items:
+            kept.release_if_empty()
+            return None
+        item = items.pop(0)
+        kept.release_if_empty()
+        return item
+
+    cdef _putback(self, sock, item):
+        """Received data a call could not take whole (a stream): first in line again."""
+        self._sock_kept(sock, sock.fileno(), True).received.insert(0, item)
+
+    async def _sock_cancelled(self, op):
+        """A sock_* call was cancelled: return once its operation is over in the kernel."""
+        settled = op.settled
+        if settled is not None and not settled.done():
+            await settled
+
+    async def _sock_recv_kept(self, sock, Py_ssize_t n, buf):
+        """Serve a receive from what a cancelled one left: bytes (buf None), or the count
+        copied into buf; None if there is nothing."""
+        item = await self._sock_leftover(sock, False)
+        if item is None:
+            return None
+        data, addr = item
+        if buf is not None:
+            view = memoryview(buf).cast('B')
+            n = len(view) if n <= 0 or n > len(view) else n
+        if len(data) > n:
+            if sock.type == SOCK_STREAM:
+                self._putback(sock, (data[n:], addr))
+            data = data[:n]     # a datagram is cut to the buffer, as the kernel would
+        if buf is None:
+            return data, addr
+        view[:len(data)] = data
+        return len(data), addr
+
     async def sock_recv(self, sock, n):
         self._check_sock(sock)
+        if self._sock_kept_by_fd:
+            got = await self._sock_recv_kept(sock, n, None)
+            if got is not None:
+                return got[0]
         fut = self.create_future()
-        self._dp.sock_recv(fut, sock.fileno(), PyBytes_FromStringAndSize(NULL, n), False)
-        return await fut
+        op = self._dp.sock_recv(fut, sock, PyBytes_FromStringAndSize(NULL, n), False)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     async def sock_recv_into(self, sock, buf):
         self._check_sock(sock)
+        if self._sock_kept_by_fd:
+            got = await self._sock_recv_kept(sock, 0, buf)
+            if got is not None:
+                return got[0]
         fut = self.create_future()
-        self._dp.sock_recv(fut, sock.fileno(), buf, True)
-        return await fut
+        op = self._dp.sock_recv(fut, sock, buf, True)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
@@ -512,8 +646,12 @@ cdef class _CoreLoop:
         elif n == memoryview(data).nbytes:
             return
         fut = self.create_future()
-        self._dp.sock_send(fut, sock.fileno(), memoryview(data).cast('B')[n:] if n else data)
-        return await fut
+        op = self._dp.sock_send(fut, sock, memoryview(data).cast('B')[n:] if n else data)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     async def sock_connect(self, sock, address):
         self._check_sock(sock)
@@ -531,8 +669,12 @@ cdef class _CoreLoop:
             return
         if err == EAGAIN:
             fut = self.create_future()
-            self._dp.sock_connect(fut, fd, sockaddr, address)
-            return await fut
+            op = self._dp.sock_connect(fut, sock, sockaddr, address)
+            try:
+                return await fut
+            except exceptions.CancelledError:
+                await self._sock_cancelled(op)
+                raise
         if err != EINPROGRESS and err != EINTR:
             raise OSError(err, os.strerror(err))
         await self._wait_writable(fd)
@@ -542,22 +684,46 @@ cdef class _CoreLoop:
 
     async def sock_accept(self, sock):
         self._check_sock(sock)
+        if self._sock_kept_by_fd:
+            got = await self._sock_leftover(sock, True)
+            if got is not None:
+                return got
         fut = self.create_future()
-        self._dp.sock_accept(fut, sock)
-        return await fut
+        op = self._dp.sock_accept(fut, sock)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     async def sock_recvfrom(self, sock, bufsize):
         self._check_sock(sock)
+        if self._sock_kept_by_fd:
+            got = await self._sock_recv_kept(sock, bufsize, None)
+            if got is not None:
+                return got
         fut = self.create_future()
-        self._dp.sock_recvfrom(fut, sock.fileno(), PyBytes_FromStringAndSize(NULL, bufsize), 0,
-                               False)
-        return await fut
+        op = self._dp.sock_recvfrom(fut, sock, PyBytes_FromStringAndSize(NULL, bufsize), 0,
+                                    False)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
         self._check_sock(sock)
+        if self._sock_kept_by_fd:
+            got = await self._sock_recv_kept(sock, nbytes, buf)
+            if got is not None:
+                return got
         fut = self.create_future()
-        self._dp.sock_recvfrom(fut, sock.fileno(), buf, nbytes, True)
-        return await fut
+        op = self._dp.sock_recvfrom(fut, sock, buf, nbytes, True)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     async def sock_sendto(self, sock, data, address):
         self._check_sock(sock)
@@ -570,8 +736,12 @@ cdef class _CoreLoop:
         if n >= 0:
             return n
         fut = self.create_future()
-        self._dp.sock_sendto(fut, sock.fileno(), data, sockaddr)
-        return await fut
+        op = self._dp.sock_sendto(fut, sock, data, sockaddr)
+        try:
+            return await fut
+        except exceptions.CancelledError:
+            await self._sock_cancelled(op)
+            raise
 
     # -- sendfile: the kernel's zero-copy sendfile(2), waiting for writability on the ring ----
     async def _wait_writable(self, int fd):

@@ -51,8 +51,10 @@ cdef class RecvOp(UringOp):
         elif res == -ENOBUFS:
             kb_bufring_grow(r)              # the ring ran dry: let more buffers in,
             self.dp._park(self.t)           # and re-arm when they are there
-        elif res == -ECANCELED:
-            self.t._on_recv_done()          # stopped by us
+        elif res == -ECANCELED or res == -EAGAIN:
+            # stopped by us; or EAGAIN, which is no error but a socket with nothing to read
+            # (an O_NONBLOCK socket retried from io-wq): re-armed if still wanted
+            self.t._on_recv_done()
         elif res < 0:
             self.t._on_recv_error(-res)
         elif not (flags & IORING_CQE_F_MORE):
@@ -110,6 +112,13 @@ cdef class SendOp(UringOp):
         cdef list batch = self.batch
         cdef list unsent
         cdef Py_ssize_t i, left, size
+        if res == -EAGAIN and not self.t._lost_scheduled and self.t._sock is not None:
+            # Back-pressure, never an error: the socket is O_NONBLOCK, and io_uring hands
+            # the EAGAIN of a retry from its worker threads back to us.  Send the same batch
+            # again once the socket is writable.
+            self.dp.n_send_again += 1
+            self.dp._submit_send(self, True)
+            return
         self.batch = None
         self._release()
         if res < 0:
@@ -151,6 +160,10 @@ cdef class SendZcOp(UringOp):
             return
         if not (flags & IORING_CQE_F_MORE):
             self.buf = None                       # no notification follows (an error)
+        if res == -EAGAIN and not self.t._lost_scheduled and self.t._sock is not None:
+            self.dp.n_send_again += 1             # back-pressure (see SendOp): again
+            self.dp._send_zc(self.t, buf, True)
+            return
         if res < 0:
             self.t._on_send_error(-res, [buf])
         elif res < buf._len:
@@ -169,7 +182,7 @@ cdef class AcceptOp(UringOp):
     cdef void complete(self, int res, uint32_t flags) except *:
         if res >= 0:
             self.listener._on_accept(res)
-        elif res != -ECANCELED:
+        elif res != -ECANCELED and res != -EAGAIN:     # EAGAIN: nobody to accept yet
             self.listener._on_accept_error(-res)
         if not (flags & IORING_CQE_F_MORE) and res != -ECANCELED:
             if self.listener._dp_state is self:
@@ -204,18 +217,24 @@ cdef class WakeOp(UringOp):
 
 
 cdef class FutureOp(UringOp):
-    """A one-shot operation resolving an asyncio future (sock_* and connect)."""
+    """A one-shot operation resolving an asyncio future (sock_* and connect).
+
+    A cancelled future does not undo what the kernel already did: a receive or an accept
+    that completes after its caller gave up keeps its result for the next call on that
+    socket (the loop's _SockKept), and the caller's cancellation waits until the operation
+    has settled in the kernel (`settled`), so that nothing it started goes on behind it."""
     cdef:
         object fut
         int kind
         int fd
         object keep             # objects the kernel reads or writes (address, buffer)
-        object sock             # sock_accept: the listening socket (family/type/proto)
+        object sock             # the socket object of the call
         Py_buffer view
         bint have_view
         Py_ssize_t offset       # sock_sendall progress
         bint pending
         uint64_t prepared_at    # dp.n_polls when the SQE was queued
+        public object settled   # future: the operation is over in the kernel (after a cancel)
 
     def __dealloc__(self):
         if self.have_view:
@@ -228,38 +247,61 @@ cdef class FutureOp(UringOp):
 
     def _on_fut_done(self, fut):
         if fut.cancelled() and self.pending:
+            self.settled = self.dp.loop._sock_settling(self.sock, self.fd)
             # Still unsubmitted?  Then the caller, who closes the socket next, must not leave
             # an SQE naming that fd number in the queue: submit the cancel with it now.
             self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
 
+    cdef void _settle(self, object kept) except *:
+        """The operation is over; `kept` is what a cancelled caller did not take."""
+        cdef object settled = self.settled
+        self.settled = None
+        if kept is not None:
+            self.dp.loop._sock_keep(self.sock, self.fd, self.kind == OP_ACCEPT, kept)
+        if settled is not None and not settled.done():
+            settled.set_result(None)
+
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef object fut = self.fut
+        cdef object kept = None
         self.pending = False
+        if res == -EAGAIN and not fut.done():
+            self.dp.n_op_again += 1         # an O_NONBLOCK socket retried in io-wq: not an error
+            self.dp._submit_future(self, True)
+            return
         if self.kind == OP_ACCEPT:
             if res >= 0:
                 s = self.sock
                 conn = socket_socket(s.family, s.type | SOCK_NONBLOCK, s.proto, fileno=res)
-                if fut.done():
-                    conn.close()
-                    return
                 try:
                     addr = conn.getpeername()
                 except OSError:
                     addr = None
-                fut.set_result((conn, addr))
+                if fut.done():
+                    self._settle((conn, addr))
+                else:
+                    fut.set_result((conn, addr))
+                    self._settle(None)
                 return
         elif self.kind == OP_SEND and res >= 0:
             self.offset += res
             if self.offset < self.view.len and not fut.done():
-                self.dp._sock_send_more(self)
+                self.dp._submit_future(self, False)
                 return
             self._release()
             if not fut.done():
                 fut.set_result(None)
+            self._settle(None)
+            return
+        if fut.done():
+            if res > 0 and self.kind == OP_RECV:
+                kept = (self.keep[:res], None)
+            elif res > 0 and self.kind == OP_RECV_INTO:
+                kept = (PyBytes_FromStringAndSize(<char *>self.view.buf, res), None)
+            self._release()
+            self._settle(kept)
             return
         self._release()
-        if fut.done():
-            return
         if res < 0:
             if res == -ECANCELED:
                 fut.cancel()
@@ -274,6 +316,7 @@ cdef class FutureOp(UringOp):
             fut.set_result(data if res == len(data) else data[:res])
         else:                                   # OP_RECV_INTO
             fut.set_result(res)
+        self._settle(None)
 
     cdef void discard(self, int res, uint32_t flags):
         self._release()
@@ -285,7 +328,9 @@ cdef class MsgOp(UringOp):
     """recvmsg/sendmsg with an address: datagram transports and sock_recvfrom/sendto."""
     cdef:
         int kind
+        int fd
         object target           # DatagramCore, or the future of a sock_* call
+        object sock             # sock_*: the socket object of the call
         msghdr msg
         iovec iov
         char name[128]          # struct sockaddr_storage
@@ -294,6 +339,8 @@ cdef class MsgOp(UringOp):
         object keep             # objects the kernel reads or writes
         char *own_buf           # receive buffer of a datagram transport
         uint64_t prepared_at
+        bint pending
+        public object settled   # as FutureOp's
 
     def __dealloc__(self):
         if self.have_view:
@@ -328,30 +375,59 @@ cdef class MsgOp(UringOp):
             self.msg.msg_namelen = len(sa)
 
     def _on_fut_done(self, fut):
-        if fut.cancelled():
+        if fut.cancelled() and self.pending:
+            self.settled = self.dp.loop._sock_settling(self.sock, self.fd)
             self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
+
+    cdef void _settle(self, object kept) except *:
+        cdef object settled = self.settled
+        self.settled = None
+        if kept is not None:
+            self.dp.loop._sock_keep(self.sock, self.fd, False, kept)
+        if settled is not None and not settled.done():
+            settled.set_result(None)
 
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef DatagramCore t
         cdef Py_ssize_t size
+        cdef object kept = None
         if self.kind == MSG_DGRAM_RECV:
             t = self.target
             if res >= 0:
                 t._on_datagram(PyBytes_FromStringAndSize(self.own_buf, res),
                                _unpack_sockaddr(self.name, self.msg.msg_namelen))
-            elif res != -ECANCELED:
+            elif res != -ECANCELED and res != -EAGAIN:   # EAGAIN: nothing yet, re-armed
                 t._on_dgram_error(-res)
             t._on_recv_done()
             return
         if self.kind == MSG_DGRAM_SEND:
+            t = self.target
+            if res == -EAGAIN and not t._lost_scheduled and t._sock is not None:
+                self.dp.n_send_again += 1       # a full socket buffer: send it again
+                self.dp._submit_msg(self, True)
+                return
             size = self.view.len
             self._release()
-            (<DatagramCore>self.target)._on_dgram_sent(size, -res if res < 0 else 0)
+            t._on_dgram_sent(size, -res if res < 0 else 0)
             return
         fut = self.target
-        self._release()
-        if fut.done():
+        self.pending = False
+        if res == -EAGAIN and not fut.done():
+            self.dp.n_op_again += 1
+            self.dp._submit_msg(self, True)
             return
+        if fut.done():
+            # a datagram is data even when empty; on a stream socket 0 is the EOF
+            if res > 0 or (res == 0 and self.sock.type == SOCK_DGRAM):
+                if self.kind == MSG_SOCK_RECVFROM:
+                    kept = (self.keep[:res], _unpack_sockaddr(self.name, self.msg.msg_namelen))
+                elif self.kind == MSG_SOCK_RECVFROM_INTO:
+                    kept = (PyBytes_FromStringAndSize(<char *>self.iov.iov_base, res),
+                            _unpack_sockaddr(self.name, self.msg.msg_namelen))
+            self._release()
+            self._settle(kept)
+            return
+        self._release()
         if res < 0:
             if res == -ECANCELED:
                 fut.cancel()
@@ -365,6 +441,7 @@ cdef class MsgOp(UringOp):
                             _unpack_sockaddr(self.name, self.msg.msg_namelen)))
         else:                                   # MSG_SOCK_RECVFROM_INTO
             fut.set_result((res, _unpack_sockaddr(self.name, self.msg.msg_namelen)))
+        self._settle(None)
 
     cdef void discard(self, int res, uint32_t flags):
         self._release()
@@ -411,6 +488,9 @@ cdef class UringDatapath(Datapath):
         unsigned hold_limit          # receive buffers one transport may hold before it waits
         unsigned resume_free         # free ring buffers needed to re-arm parked transports
         uint64_t n_lent, n_throttles, n_starved, n_send_zc, n_send_zc_bytes, n_send_zc_copied
+        uint64_t n_send_again        # sends that met a full socket (EAGAIN) and went again
+        uint64_t n_op_again          # one-shot operations retried after an EAGAIN
+        unsigned poll_first          # IORING_RECVSEND_POLL_FIRST where the kernel has it
         Py_ssize_t lent_now
 
     def __init__(self, unsigned entries=4096, unsigned nbufs=1024, unsigned bufsize=16384,
@@ -459,6 +539,9 @@ cdef class UringDatapath(Datapath):
             self.pool.release_region(self.recv_slab)
             raise BackendUnavailable(why.decode())
         self.parked = []
+        # Retries after EAGAIN wait for readiness first (Linux 5.19+, as multishot recv)
+        self.poll_first = (IORING_RECVSEND_POLL_FIRST
+                           if self.r.features & KB_F_MULTISHOT_RECV else 0)
         self.hold_limit = max(1, nbufs // 2)
         self.resume_free = max(1, nbufs // 8)
         # A sparse table of fixed buffers that pool slabs are added to as they are made.
@@ -733,13 +816,19 @@ cdef class UringDatapath(Datapath):
             t._wbuf[0:0] = batch[MAX_IOV:]
             batch = batch[:MAX_IOV]
         op.prepare(batch)
-        s = self._sqe()
-        if op.nviews == 1:
-            io_uring_prep_send(s, t._fd, op.iov[0].iov_base, op.iov[0].iov_len, _SEND_FLAGS)
-        else:
-            io_uring_prep_sendmsg(s, t._fd, &op.msg, _SEND_FLAGS)
-        self._own(op, s)
+        self._submit_send(op, False)
         return 0
+
+    cdef _submit_send(self, SendOp op, bint poll_first):
+        """Queue op's prepared batch (again, after an EAGAIN: then poll_first)."""
+        cdef io_uring_sqe *s = self._sqe()
+        if op.nviews == 1:
+            io_uring_prep_send(s, op.t._fd, op.iov[0].iov_base, op.iov[0].iov_len, _SEND_FLAGS)
+        else:
+            io_uring_prep_sendmsg(s, op.t._fd, &op.msg, _SEND_FLAGS)
+        if poll_first:
+            s.ioprio |= self.poll_first
+        self._own(op, s)
 
     cdef bint _zc_eligible(self, object data):
         cdef Buffer buf
@@ -749,7 +838,7 @@ cdef class UringDatapath(Datapath):
         return (buf._len >= ZC_MIN_BYTES and buf._chunk is not None
                 and buf._chunk.home is self.pool and buf._chunk.slab.index in self.fixed_slots)
 
-    cdef int _send_zc(self, StreamCore t, Buffer buf) except -1:
+    cdef int _send_zc(self, StreamCore t, Buffer buf, bint poll_first=False) except -1:
         cdef io_uring_sqe *s = self._sqe()
         op = SendZcOp()
         op.dp = self
@@ -757,6 +846,8 @@ cdef class UringDatapath(Datapath):
         op.buf = buf
         io_uring_prep_send_zc_fixed(s, t._fd, buf._ptr, buf._len, _SEND_FLAGS,
                                     IORING_SEND_ZC_REPORT_USAGE, buf._chunk.slab.index)
+        if poll_first:
+            s.ioprio |= self.poll_first
         self._own(op, s)
         self.n_send_zc += 1
         self.n_send_zc_bytes += buf._len
@@ -858,41 +949,51 @@ cdef class UringDatapath(Datapath):
     # -- datagrams ------------------------------------------------------------------------
     cdef int dgram_recv_start(self, DatagramCore t) except -1:
         cdef MsgOp op = t._dp_state
-        cdef io_uring_sqe *s
         if op is None:
             op = MsgOp()
             op.dp = self
             op.kind = MSG_DGRAM_RECV
             op.target = t
+            op.fd = t._fd
             op.own_buf = <char *>PyMem_Malloc(DATAGRAM_MAX_SIZE)
             if op.own_buf == NULL:
                 raise MemoryError()
             t._dp_state = op
         op._prep_recv(op.own_buf, DATAGRAM_MAX_SIZE)
-        s = self._sqe()
-        io_uring_prep_recvmsg(s, t._fd, &op.msg, 0)
-        self._own(op, s)
+        self._submit_msg(op, False)
         return 0
 
     cdef int dgram_send(self, DatagramCore t, object data, bytes sockaddr) except -1:
         cdef MsgOp op = MsgOp()
-        cdef io_uring_sqe *s
         op.dp = self
         op.kind = MSG_DGRAM_SEND
         op.target = t
+        op.fd = t._fd
         op._prep_send(data, sockaddr)
-        s = self._sqe()
-        io_uring_prep_sendmsg(s, t._fd, &op.msg, _SEND_FLAGS)
-        self._own(op, s)
+        self._submit_msg(op, False)
         return 0
 
-    cdef object sock_recvfrom(self, object fut, int fd, object buf, Py_ssize_t nbytes,
+    cdef _submit_msg(self, MsgOp op, bint poll_first):
+        """Queue op's prepared recvmsg/sendmsg (again, after an EAGAIN: then poll_first)."""
+        cdef io_uring_sqe *s = self._sqe()
+        if op.kind == MSG_DGRAM_RECV or op.kind == MSG_SOCK_RECVFROM or \
+                op.kind == MSG_SOCK_RECVFROM_INTO:
+            io_uring_prep_recvmsg(s, op.fd, &op.msg, 0)
+        else:
+            io_uring_prep_sendmsg(s, op.fd, &op.msg, _SEND_FLAGS)
+        if poll_first:
+            s.ioprio |= self.poll_first
+        op.pending = True
+        op.prepared_at = self.n_polls
+        self._own(op, s)
+
+    cdef object sock_recvfrom(self, object fut, object sock, object buf, Py_ssize_t nbytes,
                               bint into):
         cdef MsgOp op = MsgOp()
-        cdef io_uring_sqe *s
         op.dp = self
         op.target = fut
-        op.prepared_at = self.n_polls
+        op.sock = sock
+        op.fd = sock.fileno()
         if into:
             op.kind = MSG_SOCK_RECVFROM_INTO
             PyObject_GetBuffer(buf, &op.view, PyBUF_WRITABLE)
@@ -906,82 +1007,82 @@ cdef class UringDatapath(Datapath):
             op.keep = buf
             op._prep_recv(PyBytes_AS_STRING(buf), len(buf))
         fut.add_done_callback(op._on_fut_done)
-        s = self._sqe()
-        io_uring_prep_recvmsg(s, fd, &op.msg, 0)
-        self._own(op, s)
+        self._submit_msg(op, False)
         return op
 
-    cdef object sock_sendto(self, object fut, int fd, object data, bytes sockaddr):
+    cdef object sock_sendto(self, object fut, object sock, object data, bytes sockaddr):
         cdef MsgOp op = MsgOp()
-        cdef io_uring_sqe *s
         op.dp = self
         op.kind = MSG_SOCK_SENDTO
         op.target = fut
-        op.prepared_at = self.n_polls
+        op.sock = sock
+        op.fd = sock.fileno()
         op._prep_send(data, sockaddr)
         fut.add_done_callback(op._on_fut_done)
-        s = self._sqe()
-        io_uring_prep_sendmsg(s, fd, &op.msg, _SEND_FLAGS)
-        self._own(op, s)
+        self._submit_msg(op, False)
         return op
 
     # -- one-shot future operations -------------------------------------------------------
-    cdef FutureOp _future_op(self, fut, int kind, int fd):
+    cdef FutureOp _future_op(self, fut, int kind, object sock):
         op = FutureOp()
         op.dp = self
         op.fut = fut
         op.kind = kind
-        op.fd = fd
-        op.pending = True
-        op.prepared_at = self.n_polls
+        op.sock = sock
+        op.fd = sock.fileno()
         fut.add_done_callback(op._on_fut_done)
         return op
 
-    cdef object sock_connect(self, object fut, int fd, bytes sa, object address):
-        cdef FutureOp op = self._future_op(fut, OP_CONNECT, fd)
-        op.keep = (sa, address)
+    cdef _submit_future(self, FutureOp op, bint poll_first):
+        """Queue op's system call (again, after an EAGAIN or a short send)."""
         cdef io_uring_sqe *s = self._sqe()
-        io_uring_prep_connect(s, fd, <sockaddr *>PyBytes_AS_STRING(sa), <socklen_t>len(sa))
+        cdef bytes sa
+        if op.kind == OP_CONNECT:
+            sa = op.keep[0]
+            io_uring_prep_connect(s, op.fd, <sockaddr *>PyBytes_AS_STRING(sa), <socklen_t>len(sa))
+        elif op.kind == OP_ACCEPT:
+            io_uring_prep_accept(s, op.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        elif op.kind == OP_RECV:
+            io_uring_prep_recv(s, op.fd, PyBytes_AS_STRING(op.keep), len(op.keep), 0)
+        elif op.kind == OP_RECV_INTO:
+            io_uring_prep_recv(s, op.fd, op.view.buf, op.view.len, 0)
+        else:                                   # OP_SEND: what is left of the data
+            io_uring_prep_send(s, op.fd, <char *>op.view.buf + op.offset,
+                               op.view.len - op.offset, _SEND_FLAGS)
+        if poll_first and op.kind != OP_CONNECT and op.kind != OP_ACCEPT:
+            s.ioprio |= self.poll_first
+        op.pending = True
+        op.prepared_at = self.n_polls
         self._own(op, s)
+
+    cdef object sock_connect(self, object fut, object sock, bytes sa, object address):
+        cdef FutureOp op = self._future_op(fut, OP_CONNECT, sock)
+        op.keep = (sa, address)
+        self._submit_future(op, False)
         return op
 
     cdef object sock_accept(self, object fut, object sock):
-        cdef FutureOp op = self._future_op(fut, OP_ACCEPT, sock.fileno())
-        op.sock = sock
-        cdef io_uring_sqe *s = self._sqe()
-        io_uring_prep_accept(s, op.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
-        self._own(op, s)
+        cdef FutureOp op = self._future_op(fut, OP_ACCEPT, sock)
+        self._submit_future(op, False)
         return op
 
-    cdef object sock_recv(self, object fut, int fd, object buf, bint into):
-        cdef FutureOp op = self._future_op(fut, OP_RECV_INTO if into else OP_RECV, fd)
-        cdef io_uring_sqe *s
+    cdef object sock_recv(self, object fut, object sock, object buf, bint into):
+        cdef FutureOp op = self._future_op(fut, OP_RECV_INTO if into else OP_RECV, sock)
         if into:
             PyObject_GetBuffer(buf, &op.view, PyBUF_WRITABLE)
             op.have_view = True
-            s = self._sqe()
-            io_uring_prep_recv(s, fd, op.view.buf, op.view.len, 0)
         else:
             op.keep = buf
-            s = self._sqe()
-            io_uring_prep_recv(s, fd, PyBytes_AS_STRING(buf), len(buf), 0)
-        self._own(op, s)
+        self._submit_future(op, False)
         return op
 
-    cdef object sock_send(self, object fut, int fd, object data):
-        cdef FutureOp op = self._future_op(fut, OP_SEND, fd)
+    cdef object sock_send(self, object fut, object sock, object data):
+        cdef FutureOp op = self._future_op(fut, OP_SEND, sock)
         PyObject_GetBuffer(data, &op.view, PyBUF_SIMPLE)
         op.have_view = True
         op.keep = data
-        self._sock_send_more(op)
+        self._submit_future(op, False)
         return op
-
-    cdef _sock_send_more(self, FutureOp op):
-        cdef io_uring_sqe *s = self._sqe()
-        op.pending = True
-        io_uring_prep_send(s, op.fd, <char *>op.view.buf + op.offset, op.view.len - op.offset,
-                           _SEND_FLAGS)
-        self._own(op, s)
 
     # -- readiness ------------------------------------------------------------------------
     cdef int watch_fd(self, FdWatch w) except -1:
@@ -1029,6 +1130,8 @@ cdef class UringDatapath(Datapath):
             'send_zc': self.n_send_zc,
             'send_zc_bytes': self.n_send_zc_bytes,
             'send_zc_copied': self.n_send_zc_copied,
+            'send_again': self.n_send_again,
+            'op_again': self.n_op_again,
             'pool': self.pool.stats(),
         }
 

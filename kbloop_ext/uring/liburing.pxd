@@ -24,6 +24,7 @@ cdef extern from "kb_uring.h" nogil:
         int ring_fd
     struct io_uring_sqe:
         uint8_t flags
+        uint16_t ioprio
         uint64_t user_data
         uint16_t buf_group
         uint32_t msg_flags
@@ -33,6 +34,7 @@ cdef extern from "kb_uring.h" nogil:
         uint32_t flags
 
     int IORING_CQE_F_MORE
+    unsigned IORING_RECVSEND_POLL_FIRST
     int IORING_CQE_F_NOTIF
     unsigned IORING_SEND_ZC_REPORT_USAGE
     unsigned IORING_NOTIF_USAGE_ZC_COPIED
