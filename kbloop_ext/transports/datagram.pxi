@@ -6,6 +6,7 @@
 # is truncated.
 
 cdef Py_ssize_t DATAGRAM_MAX_SIZE = 256 * 1024     # asyncio's _SelectorTransport.max_size
+cdef bint SEND_EMPTY_DATAGRAMS = sys.version_info >= (3, 13)   # asyncio ignores them before
 
 
 cdef class DatagramCore(TransportCore):
@@ -67,7 +68,7 @@ cdef class DatagramCore(TransportCore):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f'data argument must be a bytes-like object, '
                             f'not {type(data).__name__!r}')
-        if not data:
+        if not data and not SEND_EMPTY_DATAGRAMS:
             return
         if self._address:
             if addr not in (None, self._address):
