@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -789,7 +790,11 @@ def test_write_str_raises_type_error(run):
     run(main)
 
 
-def test_write_bytearray_then_mutate_peer_gets_original(run):
+def test_write_bytearray_then_mutate_peer_gets_original(run, request):
+    if request.node.callspec.params["loop_name"] == "asyncio" and sys.version_info >= (3, 12):
+        # asyncio 3.12+ queues a view of the caller's buffer (docs/differences.md)
+        pytest.xfail("asyncio 3.12+ does not copy what it queues")
+
     async def main():
         class Paused(Recorder):
             pause_on_connect = True
