@@ -261,6 +261,10 @@ cdef class _CoreLoop:
             close_unix()
         self._readers.clear()
         self._writers.clear()
+        self._transports.clear()    # weak in asyncio: transports outlive the loop on their own
+        for kept in self._sock_kept_by_fd.values():
+            (<_SockKept>kept).drop()
+        self._sock_kept_by_fd.clear()
         if self._net is not None:
             self._net.close()
         self._dp.close()
@@ -621,6 +625,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, (result, None))
             await self._sock_cancelled(op)
             raise
 
@@ -635,6 +643,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result]), None))
             await self._sock_cancelled(op)
             raise
 
@@ -676,6 +688,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), True, result)
             await self._sock_cancelled(op)
             raise
 
@@ -691,6 +707,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, result)
             await self._sock_cancelled(op)
             raise
 
@@ -705,6 +725,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result[0]]), result[1]))
             await self._sock_cancelled(op)
             raise
 

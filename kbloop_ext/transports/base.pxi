@@ -124,6 +124,8 @@ cdef class TransportCore:
         if self._closing or not self._paused_reading:
             return
         self._paused_reading = False
+        if self._loop._closed:
+            raise RuntimeError('Event loop is closed')    # asyncio's, from add_reader
         if self._stash or not self._wants_recv():
             self._loop.call_soon(self._deliver_stash)
         if self._wants_recv():
@@ -216,7 +218,21 @@ cdef class TransportCore:
     cdef _schedule_connection_lost(self, exc):
         self._lost_scheduled = True
         self._conn_lost += 1
+        if self._loop._closed:
+            # Closed after its loop (a finally:, an atexit hook, __del__): asyncio's
+            # RuntimeError, as its call_soon() raises; but the socket is let go now rather
+            # than whenever the transport is collected.
+            self._release_socket()
+            raise RuntimeError('Event loop is closed')
         self._loop.call_soon(self._call_connection_lost, exc)
+
+    cdef _release_socket(self):
+        sock = self._sock
+        if sock is not None:
+            self._sock = None
+            if self._loop._transports.get(self._fd) is self:
+                del self._loop._transports[self._fd]
+            self._dp.close_socket(sock)
 
     def _call_connection_lost(self, exc):
         if self._called_lost:
@@ -226,12 +242,7 @@ cdef class TransportCore:
             if self._protocol is not None:
                 self._protocol.connection_lost(exc)
         finally:
-            sock = self._sock
-            if sock is not None:
-                self._sock = None
-                if self._loop._transports.get(self._fd) is self:
-                    del self._loop._transports[self._fd]
-                self._dp.close_socket(sock)
+            self._release_socket()
             self._protocol = None
             self._set_protocol_methods_none()
             # ops still in flight keep us alive until their completion; drop our side of the

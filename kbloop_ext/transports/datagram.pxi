@@ -89,10 +89,28 @@ cdef class DatagramCore(TransportCore):
             except OSError as exc:
                 self._protocol.error_received(exc)
                 return
+        if self._loop._closed:
+            self._sendto_after_loop_closed(data, addr)
+            return
         self._sendq.append((data, sa))
         self._wbuf_size += len(data)
         self._queue_flush()
         self._maybe_pause_protocol()
+
+    cdef _sendto_after_loop_closed(self, data, addr):
+        """As asyncio: sent at once if the socket takes it; RuntimeError where asyncio would
+        need its (closed) loop to wait for room."""
+        if self._sendq or self._fd < 0 or self._sock is None:
+            raise RuntimeError('Event loop is closed')
+        try:
+            if addr is None:
+                self._sock.send(data)
+            else:
+                self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            raise RuntimeError('Event loop is closed') from None
+        except OSError as exc:
+            self._protocol.error_received(exc)
 
     cdef _flush(self):
         self._flush_queued = False

@@ -208,6 +208,9 @@ cdef class StreamCore(TransportCore):
                 logger.warning('socket.send() raised exception.')
             self._conn_lost += 1
             return
+        if self._loop._closed:
+            self._write_after_loop_closed(data)
+            return
         self._wbuf.append(data)
         self._wbuf_size += len(data)
         if not self._send_inflight:
@@ -217,6 +220,22 @@ cdef class StreamCore(TransportCore):
     def writelines(self, list_of_data):
         for data in list_of_data:
             self.write(data)
+
+    cdef _write_after_loop_closed(self, data):
+        """asyncio's write() sends at once what the socket takes, even when its loop is
+        closed, and fails (RuntimeError) only where it would need the loop to wait: so do we.
+        Never queue: nothing would ever send it."""
+        cdef Py_ssize_t n = 0
+        if self._wbuf or self._send_inflight or self._fd < 0 or self._sock is None:
+            raise RuntimeError('Event loop is closed')
+        try:
+            n = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            raise RuntimeError('Event loop is closed') from exc
+        if n < len(data):
+            raise RuntimeError('Event loop is closed')
 
     cdef _flush(self):
         self._flush_queued = False

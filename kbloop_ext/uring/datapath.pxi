@@ -567,7 +567,10 @@ cdef class UringDatapath(Datapath):
 
     # -- plumbing -------------------------------------------------------------------------
     cdef io_uring_sqe *_sqe(self) except NULL:
-        cdef io_uring_sqe *s = io_uring_get_sqe(&self.r.ring)
+        cdef io_uring_sqe *s
+        if not self.opened:     # the loop is closed and the ring gone: asyncio's error
+            raise RuntimeError('Event loop is closed')
+        s = io_uring_get_sqe(&self.r.ring)
         if s == NULL:
             # The submission queue is full: hand it to the kernel now (only under heavy load).
             self._enable()
@@ -604,6 +607,8 @@ cdef class UringDatapath(Datapath):
 
     cdef _cancel(self, UringOp op, bint now):
         cdef io_uring_sqe *s
+        if not self.opened:
+            return          # the ring is gone, and every operation with it
         if now:
             self._cancel_now(op)
         else:
@@ -615,7 +620,10 @@ cdef class UringDatapath(Datapath):
         """Cancel op and submit at once: the caller closes the fd right after, and the kernel
         must let go of the file now (a listening port must be free when Server.close()
         returns).  The one place besides poll() that enters the kernel; counted apart."""
-        cdef io_uring_sqe *s = self._sqe()
+        cdef io_uring_sqe *s
+        if not self.opened:
+            return
+        s = self._sqe()
         io_uring_prep_cancel64(s, <uint64_t><PyObject *>op, 0)
         io_uring_sqe_set_data64(s, 0)
         if self.r.enabled and threading.get_ident() == self.enabled_thread:
@@ -786,7 +794,7 @@ cdef class UringDatapath(Datapath):
 
     cdef int recv_stop(self, TransportCore t) except -1:
         cdef io_uring_sqe *s
-        if t._dp_state is not None:
+        if t._dp_state is not None and self.opened:
             s = self._sqe()
             io_uring_prep_cancel64(s, <uint64_t><PyObject *>t._dp_state, 0)
             io_uring_sqe_set_data64(s, 0)
