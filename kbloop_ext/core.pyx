@@ -13,11 +13,12 @@ The pieces live in their own files (included below) so that the layout shows the
 from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 cdef extern from "<errno.h>":
-    int ECANCELED, ENOBUFS, EINTR, EEXIST, EBUSY, EAGAIN, EBADF
+    int ECANCELED, ENOBUFS, EINTR, EEXIST, EBUSY, EAGAIN, EBADF, EINPROGRESS
+    int c_errno "errno"
 from posix.unistd cimport close, write
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_Check
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
@@ -30,8 +31,12 @@ cdef extern from "<sys/eventfd.h>":
     int EFD_CLOEXEC
 
 cdef extern from "<sys/socket.h>":
-    int MSG_NOSIGNAL
+    int MSG_NOSIGNAL, MSG_DONTWAIT
     int SHUT_WR, SHUT_RDWR
+    ssize_t c_send "send" (int fd, const void *buf, size_t n, int flags)
+    ssize_t c_sendto "sendto" (int fd, const void *buf, size_t n, int flags,
+                               const sockaddr *addr, socklen_t addrlen)
+    int c_connect "connect" (int fd, const sockaddr *addr, socklen_t addrlen)
 
 cdef extern from "<malloc.h>":
     int mallopt(int param, int value)
@@ -62,7 +67,7 @@ from heapq import heappush, heappop, heapify
 from socket import (socket as socket_socket, inet_pton, inet_ntop, if_nametoindex,
                     if_indextoname, getaddrinfo, SOCK_DGRAM, AF_INET, AF_INET6,
                     AF_UNIX, AF_UNSPEC, AI_PASSIVE, SOCK_STREAM, SOCK_NONBLOCK, SOCK_CLOEXEC,
-                    SOL_SOCKET, SO_REUSEADDR, SO_KEEPALIVE, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
+                    SOL_SOCKET, SO_REUSEADDR, SO_KEEPALIVE, SO_ERROR, IPPROTO_TCP, IPPROTO_IPV6, IPV6_V6ONLY,
                     TCP_NODELAY, SHUT_RD as SHUT_RD_PY)
 from struct import pack as struct_pack, unpack as struct_unpack
 

@@ -764,6 +764,97 @@ def test_udp_on_the_stack(net, tmp_path):
     }, out
 
 
+# ------------------------------------------------------------------ what write() sends
+
+SNAPSHOT_PROGRAM = r"""
+import asyncio, json, sys
+import kbloop
+peer, port, udp_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = {}
+
+class Frame(bytes):
+    pass
+
+class Client(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.got = asyncio.Queue()
+    def datagram_received(self, data, addr):
+        self.got.put_nowait(data)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    r, w = await asyncio.open_connection(peer, port)
+    out["socket"] = type(w.get_extra_info("socket")._sock).__name__
+    # lwIP's send buffer fills first: what follows waits in the transport's queue
+    expected = bytearray(b"F" * (4 << 20))
+    w.write(bytes(expected))
+    ba = bytearray(16)
+    for i in range(200):
+        views = [ba, memoryview(ba), memoryview(ba).toreadonly(), memoryview(ba)[1:-1]]
+        for j, view in enumerate(views):
+            ba[:] = bytes([(i * 7 + j) % 251 + 1]) * 16
+            expected += bytes(view)
+            (w.write if j % 2 else w.writelines)(view if j % 2 else [view])
+            ba[:] = b"\0" * 16      # must not reach the peer
+        del views
+    w.write(Frame(b"frame"))
+    expected += b"frame"
+    got = await r.readexactly(len(expected))
+    out["stream_same"] = got == bytes(expected)
+    w.close()
+    await w.wait_closed()
+    # UDP on the stack: sendto() snapshots too, and takes bytes subclasses
+    t, p = await loop.create_datagram_endpoint(Client, remote_addr=(peer, udp_port))
+    sent = []
+    for attempt in range(20):                  # the first may wait for ARP
+        t.sendto(b"arp")
+        try:
+            await asyncio.wait_for(p.got.get(), 0.5)
+            break
+        except asyncio.TimeoutError:
+            pass
+    while not p.got.empty():
+        p.got.get_nowait()
+    for i in range(20):
+        ba[:] = bytes([i + 1]) * 16
+        sent.append(bytes(ba))
+        t.sendto(memoryview(ba).toreadonly() if i % 2 else ba)
+        ba[:] = b"\0" * 16
+    t.sendto(Frame(b"dgram frame"))
+    sent.append(b"dgram frame")
+    echoed = []
+    try:
+        while len(echoed) < len(sent):
+            echoed.append(await asyncio.wait_for(p.got.get(), 5))
+    except asyncio.TimeoutError:
+        pass
+    out["datagrams_same"] = sorted(echoed) == sorted(sent)
+    t.close()
+
+kbloop.run(main())
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_writes_are_snapshots_on_the_stack(net, tmp_path):
+    """The stack datapath sends what write()/writelines()/sendto() were given as it was when
+    they returned (the caller changes its bytearray right after), bytes subclasses included;
+    TCP writes queued behind a full lwIP send buffer too."""
+    server = childproc.Child(net.cmd_b(sys.executable, "-c", KERNEL_ECHO_SERVER, "7300"),
+                             what="kernel echo server")
+    server.expect("READY")
+    udp = childproc.Child(net.cmd_b(sys.executable, "-c", KERNEL_UDP_ECHO, "9300"),
+                          what="kernel UDP echo server")
+    udp.expect("READY")
+    prog = script(tmp_path, "snapshot.py", SNAPSHOT_PROGRAM)
+    app = App([prog, net.ip_b, "7300", "9300"], net=net, ready=None)
+    out = json.loads(app.expect("RESULT", timeout=120))
+    assert app.wait(60) == 0, app.proc.stderr.read()[-3000:]
+    server.kill()
+    udp.kill()
+    assert out == {"socket": "DpdkSocket", "stream_same": True, "datagrams_same": True}, out
+
+
 # ------------------------------------------------------------------ uvicorn and TLS
 
 def test_uvicorn_serves_over_dpdk(net):

@@ -21,7 +21,9 @@ cdef class Handle:
         self._callback = callback
         self._args = args
         if loop._debug:
-            self._source_traceback = format_helpers.extract_stack(sys._getframe(1))
+            # compiled code has no frames: frame 0 is the Python code that made the handle,
+            # whether it called Handle() itself or call_soon()/call_later()/call_at()
+            self._source_traceback = format_helpers.extract_stack(sys._getframe(0))
 
     cdef inline void _run(self) except *:
         try:
@@ -90,8 +92,6 @@ cdef class TimerHandle(Handle):
 
     def __init__(self, double when, callback, args, _CoreLoop loop, context=None):
         Handle.__init__(self, callback, args, loop, context)
-        if self._source_traceback:
-            del self._source_traceback[-1]
         self._when = when
 
     def _repr_info(self):

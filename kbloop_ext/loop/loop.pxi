@@ -11,6 +11,8 @@ cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
 cdef int STACK_CLOCK_ROUNDS = 32    # stack polls per look at the clock
 cdef double URING_PEEK_INTERVAL = 50e-6   # with a stack: how often the io_uring datapath is polled
 _CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
+_UNIX_CLEANUP_SOCKET = sys.version_info >= (3, 13)    # create_unix_server(cleanup_socket=)
+_NOT_GIVEN = object()
 # Set in each kbloop worker process (kbloop.workers): unmodified servers share their port.
 _WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
 
@@ -133,6 +135,7 @@ cdef class _CoreLoop:
         self._asyncgens = weakref.WeakSet()
         self._asyncgens_shutdown_called = False
         self._executor_shutdown_called = False
+        self._unix_server_sockets = {}      # 3.13 cleanup_socket: listening sock -> st_ino
         self.slow_callback_duration = 0.1
         self.set_debug(coroutines._is_debug_mode())
 
@@ -162,10 +165,7 @@ cdef class _CoreLoop:
     def call_later(self, delay, callback, *args, context=None):
         if delay is None:
             raise TypeError('delay must not be None')
-        timer = self.call_at(_monotonic() + delay, callback, *args, context=context)
-        if timer._source_traceback:
-            del timer._source_traceback[-1]
-        return timer
+        return self.call_at(_monotonic() + delay, callback, *args, context=context)
 
     def call_at(self, when, callback, *args, context=None):
         if when is None:
@@ -176,8 +176,6 @@ cdef class _CoreLoop:
             self._check_thread()
             self._check_callback(callback, 'call_at')
         cdef TimerHandle timer = TimerHandle(when, callback, args, self, context)
-        if timer._source_traceback:
-            del timer._source_traceback[-1]
         heappush(self._scheduled, timer)
         timer._scheduled = True
         return timer
@@ -652,10 +650,15 @@ cdef class _CoreLoop:
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
-        if not memoryview(data).nbytes:
+        # As asyncio: send at once what the socket takes (so that closing it in the next
+        # callback loses nothing); the ring sends the rest, reading the caller's buffer.
+        n = _send_now(sock.fileno(), data, None)
+        if n == -1:
+            n = 0
+        elif n == memoryview(data).nbytes:
             return
         fut = self.create_future()
-        op = self._dp.sock_send(fut, sock, data)
+        op = self._dp.sock_send(fut, sock, memoryview(data).cast('B')[n:] if n else data)
         try:
             return await fut
         except exceptions.CancelledError:
@@ -669,13 +672,27 @@ cdef class _CoreLoop:
                 address, family=sock.family, type=sock.type, proto=sock.proto, loop=self)
             _, _, _, _, address = resolved[0]
         sockaddr = _pack_sockaddr(sock.family, address)
-        fut = self.create_future()
-        op = self._dp.sock_connect(fut, sock, sockaddr, address)
-        try:
-            return await fut
-        except exceptions.CancelledError:
-            await self._sock_cancelled(op)
-            raise
+        # As asyncio: connect at once (AF_UNIX completes there); wait for writability and read
+        # SO_ERROR if it is in progress.  A full AF_UNIX backlog (EAGAIN) is the ring's: it
+        # retries the connect itself.
+        fd = sock.fileno()
+        err = _connect_now(fd, sockaddr)
+        if err == 0:
+            return
+        if err == EAGAIN:
+            fut = self.create_future()
+            op = self._dp.sock_connect(fut, sock, sockaddr, address)
+            try:
+                return await fut
+            except exceptions.CancelledError:
+                await self._sock_cancelled(op)
+                raise
+        if err != EINPROGRESS and err != EINTR:
+            raise OSError(err, os.strerror(err))
+        await self._wait_writable(fd)
+        err = sock.getsockopt(SOL_SOCKET, SO_ERROR)
+        if err:
+            raise OSError(err, f'Connect call failed {address}')
 
     async def sock_accept(self, sock):
         self._check_sock(sock)
@@ -739,6 +756,9 @@ cdef class _CoreLoop:
                 address, family=sock.family, type=sock.type, proto=sock.proto, loop=self)
             address = resolved[0][4]
         sockaddr = _pack_sockaddr(sock.family, address, sock.type)
+        n = _send_now(sock.fileno(), data, sockaddr)     # as asyncio: at once if it can
+        if n >= 0:
+            return n
         fut = self.create_future()
         op = self._dp.sock_sendto(fut, sock, data, sockaddr)
         try:
@@ -841,9 +861,20 @@ cdef class _CoreLoop:
 
     def _stop_serving(self, sock):
         cdef Listener listener = self._listeners.pop(sock.fileno(), None)
+        ino = self._unix_server_sockets.pop(sock, None)
+        path = sock.getsockname() if ino is not None else None
         if listener is not None:
             listener.stop()
         sock.close()
+        if path is not None:
+            # 3.13's cleanup_socket: remove the socket file unless another one replaced it
+            try:
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.error('Unable to clean up listening UNIX socket %r: %r', path, err)
 
     # -- create_connection: asyncio's, plus all_errors (3.12) on every Python ----------------
     cdef object _check_datapath_choice(self, datapath):
@@ -1081,7 +1112,14 @@ cdef class _CoreLoop:
 
     async def create_unix_server(self, protocol_factory, path=None, *, sock=None, backlog=100,
                                  ssl=None, ssl_handshake_timeout=None,
-                                 ssl_shutdown_timeout=None, start_serving=True):
+                                 ssl_shutdown_timeout=None, start_serving=True,
+                                 cleanup_socket=_NOT_GIVEN):
+        # cleanup_socket is 3.13's (default True): asyncio before 3.13 has no such argument
+        if cleanup_socket is _NOT_GIVEN:
+            cleanup_socket = _UNIX_CLEANUP_SOCKET
+        elif not _UNIX_CLEANUP_SOCKET:
+            raise TypeError("create_unix_server() got an unexpected keyword argument "
+                            "'cleanup_socket'")
         _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if path is not None:
             if sock is not None:
@@ -1112,6 +1150,14 @@ cdef class _CoreLoop:
                 raise ValueError('path was not specified, and no sock specified')
             if sock.family != AF_UNIX or sock.type != SOCK_STREAM:
                 raise ValueError(f'A UNIX Domain Stream Socket was expected, got {sock!r}')
+        if cleanup_socket:
+            # remembered so that closing the server removes the file if it is still this one
+            name = sock.getsockname()
+            if name and name[0] not in (0, '\x00'):
+                try:
+                    self._unix_server_sockets[sock] = os.stat(name).st_ino
+                except FileNotFoundError:
+                    pass
         sock.setblocking(False)
         server = Server(self, [sock], protocol_factory, ssl, backlog,
                         ssl_handshake_timeout, ssl_shutdown_timeout)
@@ -1152,6 +1198,38 @@ cdef class _CoreLoop:
             sock, protocol_factory, ssl, server_hostname,
             ssl_handshake_timeout=ssl_handshake_timeout,
             ssl_shutdown_timeout=ssl_shutdown_timeout)
+
+
+cdef Py_ssize_t _send_now(int fd, data, bytes sa) except -2:
+    """One non-blocking send(2) (sendto(2) to sa if given) of data, as asyncio's sock_* try
+    before they wait: the bytes sent, or -1 if the socket's buffer is full."""
+    cdef Py_buffer view
+    cdef ssize_t n
+    cdef int err
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        while True:
+            if sa is None:
+                n = c_send(fd, view.buf, view.len, MSG_DONTWAIT | MSG_NOSIGNAL)
+            else:
+                n = c_sendto(fd, view.buf, view.len, MSG_DONTWAIT | MSG_NOSIGNAL,
+                             <sockaddr *>PyBytes_AS_STRING(sa), <socklen_t>len(sa))
+            if n >= 0:
+                return n
+            err = c_errno
+            if err == EAGAIN:
+                return -1
+            if err != EINTR:
+                raise OSError(err, os.strerror(err))
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef int _connect_now(int fd, bytes sa):
+    """connect(2) on a non-blocking socket: 0, or the errno."""
+    if c_connect(fd, <sockaddr *>PyBytes_AS_STRING(sa), <socklen_t>len(sa)) == 0:
+        return 0
+    return c_errno
 
 
 cdef _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout):

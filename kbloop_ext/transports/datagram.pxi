@@ -146,8 +146,9 @@ cdef class DatagramCore(TransportCore):
             self._schedule_connection_lost(None)
 
 
-class DatagramTransport(_Facade, transports.DatagramTransport):
-    """The asyncio.DatagramTransport that datagram protocols see."""
+class DatagramTransport(_Facade, transports._FlowControlMixin, transports.DatagramTransport):
+    """The asyncio.DatagramTransport that datagram protocols see.  It is an asyncio.Transport
+    too, as asyncio's own datagram transport is (its MRO, with our facade first)."""
 
     def sendto(self, data, addr=None):
         self._core.sendto(data, addr)

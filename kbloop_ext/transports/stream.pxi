@@ -340,20 +340,25 @@ class SocketTransport(_Facade, transports._FlowControlMixin):
 
 
 cdef object _as_sendable(data):
-    """bytes are sent as they are; read-only memoryviews too (the caller cannot change them).
-    Mutable buffers are copied once, as asyncio does, so that the caller may reuse them at
-    once after write() returns.  A kbloop.Buffer is the zero-copy API: it is sent from where
-    it is and becomes read-only."""
+    """What write()/sendto() queue: the data as it is when the call returns (it goes out at the
+    end of the iteration, or later).  Immutable data is sent by reference: bytes (subclasses
+    too) and read-only views whose memory is a bytes object.  A kbloop.Buffer is the zero-copy
+    API: it is sent from where it is and becomes read-only.  Anything else (bytearray, views of
+    writable memory, even read-only ones) is copied once, as asyncio does, so that the caller may
+    change or reuse it at once after write() returns."""
+    if PyBytes_Check(data):
+        return data
     if type(data) is Buffer:
         if (<Buffer>data)._chunk is None:
             raise ValueError('operation on a released kbloop.Buffer')
         (<Buffer>data)._freeze()
         return data
     if isinstance(data, memoryview):
-        if (<memoryview>data).readonly and (<memoryview>data).c_contiguous:
-            return data.cast('B') if (<memoryview>data).format != 'B' or (<memoryview>data).ndim != 1 else data
-        return bytes(data)
-    if isinstance(data, (bytearray,)):
+        view = <memoryview>data
+        if view.readonly and view.c_contiguous and PyBytes_Check(view.obj):
+            return view if view.format == 'B' and view.ndim == 1 else view.cast('B')
+        return bytes(view)      # in logical order, so non-contiguous views are sent right
+    if isinstance(data, bytearray):
         return bytes(data)
     raise TypeError(f'data argument must be a bytes-like object, not {type(data).__name__!r}')
 
