@@ -855,6 +855,58 @@ def test_writes_are_snapshots_on_the_stack(net, tmp_path):
     assert out == {"socket": "DpdkSocket", "stream_same": True, "datagrams_same": True}, out
 
 
+AFTER_CLOSE_PROGRAM = r"""
+import asyncio, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("after_close", sys.argv[4])
+after_close = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(after_close)
+host, port, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(after_close.Proto, host, port)
+    server = await loop.create_server(after_close.Proto, "0.0.0.0", 7401)
+    u, _ = await loop.create_datagram_endpoint(after_close.DProto, local_addr=("0.0.0.0", 9401))
+    u2, _ = await loop.create_datagram_endpoint(after_close.DProto, remote_addr=(host, uport))
+    await asyncio.sleep(0.1)
+    return proto.transport, server, u, u2
+
+t, server, u, u2 = asyncio.run(main())       # the loop is closed when this returns
+kinds = sorted({type(x.get_extra_info("socket")._sock).__name__ for x in (t, u, u2)})
+print("RESULT", json.dumps({"sockets": kinds,
+                            "stream": after_close.stream_calls(t, server),
+                            "udp": after_close.udp_calls(u, u2, (host, uport))}), flush=True)
+"""
+
+
+def test_public_methods_after_loop_close_on_the_stack(net, tmp_path):
+    """Every public method of a stack transport, server and UDP endpoint after the loop is
+    closed: no crash, and asyncio's outcome (the io_uring version: test_adversarial.py)."""
+    from test_adversarial import after_close
+    server = childproc.Child(net.cmd_b(sys.executable, "-c", KERNEL_ECHO_SERVER, "7400"),
+                             what="kernel echo server")
+    server.expect("READY")
+    udp = childproc.Child(net.cmd_b(sys.executable, "-c", KERNEL_UDP_ECHO, "9400"),
+                          what="kernel UDP echo server")
+    udp.expect("READY")
+    prog = script(tmp_path, "after_close_dpdk.py", AFTER_CLOSE_PROGRAM)
+    app = App([prog, net.ip_b, "7400", "9400", os.path.join(HERE, "scripts", "after_close.py")],
+              net=net, ready=None)
+    out = json.loads(app.expect("RESULT", timeout=120))
+    status = app.wait(60)
+    server.kill()
+    udp.kill()
+    assert status == 0, app.proc.stderr.read()[-3000:]
+    assert out["sockets"] == ["DpdkSocket"]
+    expected_stream = after_close("asyncio", "tcp")
+    expected_udp = after_close("asyncio", "udp")
+    # asyncio's sendto() sends at once what the kernel takes, even with its loop closed; a
+    # stack needs its loop to send anything: the error asyncio gives when it must wait
+    expected_udp["sendto"] = "RuntimeError"
+    assert out["stream"] == expected_stream
+    assert out["udp"] == expected_udp
+
+
 # ------------------------------------------------------------------ uvicorn and TLS
 
 def test_uvicorn_serves_over_dpdk(net):

@@ -72,19 +72,24 @@ async def tcp_pair(loop, family):
     return server, proto.transport
 
 
+def stream_calls(t, server, abort_first=False):
+    """Every stream transport method, then the server's (also used on the DPDK datapath)."""
+    calls = STREAM_CALLS
+    if abort_first:
+        calls = [('abort', lambda t: t.abort())] + [c for c in STREAM_CALLS if c[0] != 'abort']
+    out = call_all(t, calls)
+    out.update(call_all(t, [('write', lambda t: t.write(b'data')),
+                            ('writelines', lambda t: t.writelines([b'a', b'b'])),
+                            ('write_eof', lambda t: t.write_eof())]))
+    out.update(call_all(server, SERVER_CALLS))
+    return out
+
+
 def group_stream(family, abort_first=False):
     def run(loop):
         server, t = loop.run_until_complete(tcp_pair(loop, family))
         loop.close()
-        calls = STREAM_CALLS
-        if abort_first:
-            calls = [('abort', lambda t: t.abort())] + [c for c in STREAM_CALLS if c[0] != 'abort']
-        out = call_all(t, calls)
-        out.update(call_all(t, [('write', lambda t: t.write(b'data')),
-                                ('writelines', lambda t: t.writelines([b'a', b'b'])),
-                                ('write_eof', lambda t: t.write_eof())]))
-        out.update(call_all(server, SERVER_CALLS))
-        return out
+        return stream_calls(t, server, abort_first)
     return run
 
 
@@ -108,6 +113,11 @@ def group_udp(loop):
     t, t2 = loop.run_until_complete(make())
     addr = t.get_extra_info('sockname')
     loop.close()
+    return udp_calls(t, t2, addr)
+
+
+def udp_calls(t, t2, addr):
+    """t: an unconnected endpoint, t2 a connected one (also used on the DPDK datapath)."""
     out = call_all(t, [
         ('get_extra_info', lambda t: t.get_extra_info('sockname')),
         ('is_closing', lambda t: t.is_closing()),
