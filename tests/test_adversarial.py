@@ -500,3 +500,142 @@ def test_emfile_backs_off_and_serves_everyone_later(loop_name):
     assert logged >= 1
     if loop_name != "asyncio":
         assert logged <= 10, f"{logged} 'out of system resource' messages"
+
+
+# ------------------------------------------------------------------ a peer that vanishes
+
+VANISHING_CLIENT = r"""
+import asyncio, json, socket, sys
+sys.path.insert(0, sys.argv[1])
+from loops import make_loop
+host, port, role = sys.argv[3], int(sys.argv[4]), sys.argv[5]
+
+class Side(asyncio.Protocol):
+    def __init__(self, lost):
+        self.lost = lost
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info('socket')
+        # give up within seconds: unacknowledged data (writer), or keepalive probes (reader)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+        if role == 'writer':
+            self.transport.write(b'x' * 65536)
+    def data_received(self, data):
+        print('GOT', len(data), flush=True)
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+async def main():
+    loop = asyncio.get_running_loop()
+    lost = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: Side(lost), host, port)
+    print('CONNECTED', flush=True)
+    if role == 'writer':
+        async def keep_writing():       # data in flight when the peer vanishes
+            while not lost.done():
+                if transport.get_write_buffer_size() < 1 << 20:
+                    transport.write(b'y' * 65536)
+                await asyncio.sleep(0.02)
+        writing = asyncio.ensure_future(keep_writing())
+    exc = await asyncio.wait_for(lost, 60)
+    print('RESULT', json.dumps({'type': type(exc).__name__,
+                                'errno': getattr(exc, 'errno', None)}), flush=True)
+
+loop = make_loop(sys.argv[2])
+loop.run_until_complete(main())
+"""
+
+VANISHING_PEER = r"""
+import socket, sys
+srv = socket.create_server(('0.0.0.0', int(sys.argv[1])))
+print('READY', flush=True)
+c, _ = srv.accept()
+c.sendall(b'hello')
+print('ACCEPTED', flush=True)
+import time
+time.sleep(120)     # reads nothing: the other side's writes fill the window
+"""
+
+
+@pytest.mark.parametrize("loop_name", ALL_LOOPS)
+@pytest.mark.parametrize("role", ["writer", "reader"])
+def test_peer_that_vanishes_is_a_timeout(loop_name, role):
+    """The peer's host drops off the network (its link goes down): a connection that writes
+    (TCP_USER_TIMEOUT) or only reads (keepalive) ends with asyncio's TimeoutError."""
+    import netns
+    import childproc
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(why)
+    with netns.VethPair() as net:
+        netns.sh("ip", "-n", net.ns_a, "addr", "add", f"{net.ip_a}/{net.prefix}",
+                 "dev", net.if_a)
+        peer = childproc.Child(net.cmd_b(sys.executable, "-c", VANISHING_PEER, "7600"),
+                               what="vanishing peer")
+        peer.expect("READY")
+        side = childproc.Child(net.cmd_a(sys.executable, "-c", VANISHING_CLIENT, HERE,
+                                         loop_name, net.ip_b, "7600", role),
+                               env=subprocess_env(), what=f"{loop_name} {role}")
+        try:
+            side.expect("CONNECTED", timeout=30)
+            peer.expect("ACCEPTED", timeout=30)
+            netns.sh("ip", "-n", net.ns_b, "link", "set", net.if_b, "down")
+            result = json.loads(side.expect("RESULT", timeout=60))
+            assert side.wait(30) == 0
+        finally:
+            side.kill()
+            peer.kill()
+    assert result == {"type": "TimeoutError", "errno": 110}, result
+
+
+def test_cancelled_sock_connect_leaves_nothing_behind(run, busy_core):
+    """sock_connect to a listener whose backlog is full hangs (the SYNs are dropped): cancel it
+    at varying moments, close the socket; no descriptor is left, and the loop goes on."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        ls = socket.socket()
+        ls.bind((LOCAL, 0))
+        ls.listen(0)
+        addr = ls.getsockname()
+        fillers = []
+        for _ in range(4):          # fill the accept queue (never accepted)
+            f = socket.socket()
+            f.setblocking(False)
+            try:
+                f.connect(addr)
+            except BlockingIOError:
+                pass
+            fillers.append(f)
+        await asyncio.sleep(0.1)
+        before = len(os.listdir("/proc/self/fd"))
+        outcomes = set()
+        try:
+            for i in range(30):
+                s = socket.socket()
+                s.setblocking(False)
+                try:
+                    await asyncio.wait_for(loop.sock_connect(s, addr), 0.001 * (i % 5 + 1))
+                    outcomes.add("connected")
+                except asyncio.TimeoutError:
+                    outcomes.add("timeout")
+                finally:
+                    s.close()
+            await asyncio.sleep(0.05)
+            assert len(os.listdir("/proc/self/fd")) == before
+            assert "timeout" in outcomes
+            r, w = socket.socketpair()      # the loop still works
+            r.setblocking(False)
+            w.send(b"ok")
+            assert await loop.sock_recv(r, 2) == b"ok"
+            r.close()
+            w.close()
+        finally:
+            for f in fillers:
+                f.close()
+            ls.close()
+
+    run(main(), timeout=120)
