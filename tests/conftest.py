@@ -26,7 +26,7 @@ MODE_LOOPS = {
                                                    sq_idle_ms=10),
 }
 MODE_MODULES = {"test_tcp", "test_streams", "test_unix", "test_udp", "test_sock_ops",
-                "test_sendfile"}
+                "test_sendfile", "test_order_context"}
 
 
 def pytest_generate_tests(metafunc):

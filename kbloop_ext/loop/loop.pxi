@@ -300,26 +300,36 @@ cdef class _CoreLoop:
 
         end = _monotonic() + self._clock_resolution
         if defer:
-            todo = self._ready
-            self._ready = []
-            self._run_handles(todo, 0, nold)
-            self._io_sink = todo        # fd-watch handles: run this iteration, before timers
-            try:
-                self._dp.dispatch_deferred()
-                if self._net is not None:
-                    self._net.dispatch_deferred()
-            except BaseException:
-                self._ready[0:0] = todo[nold:]
-                raise
-            finally:
-                self._io_sink = None
+            due = None              # the timers due now (not those the callbacks will add)
             while sched:
                 timer = sched[0]
                 if timer._when >= end:
                     break
                 heappop(sched)
                 timer._scheduled = False
-                todo.append(timer)
+                if due is None:
+                    due = []
+                due.append(timer)
+            todo = self._ready
+            self._ready = []
+            try:
+                self._run_handles(todo, 0, nold)
+                self._io_sink = todo    # fd-watch handles: run this iteration, before timers
+                try:
+                    self._dp.dispatch_deferred()
+                    if self._net is not None:
+                        self._net.dispatch_deferred()
+                except BaseException:
+                    self._ready[0:0] = todo[nold:]
+                    raise
+                finally:
+                    self._io_sink = None
+            except BaseException:
+                if due is not None:
+                    self._ready.extend(due)
+                raise
+            if due is not None:
+                todo.extend(due)
             self._run_handles(todo, nold, len(todo))
             return
 
