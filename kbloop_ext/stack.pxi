@@ -308,6 +308,9 @@ cdef class StackDatapath(Datapath):
     cdef _finish_poll(self):
         """End of poll(): run this poll's completions, or keep them for dispatch_deferred()
         when the loop has ready callbacks to run first (datapath.pxi: order)."""
+        if self.kept_rx or self.kept_later:
+            # Kept by an iteration that a KeyboardInterrupt cut short: due before anything new.
+            self.dispatch_deferred()
         if self.defer:
             if self.rx_ready:
                 self.kept_rx.extend(self.rx_ready)
@@ -316,8 +319,6 @@ cdef class StackDatapath(Datapath):
                 self.kept_later.extend(self.later)
                 self.later = []
             return
-        if self.kept_rx or self.kept_later:
-            self.dispatch_deferred()    # older: left by a deferring poll never dispatched
         if self.rx_ready:
             self._deliver_marked()
         if self.later:

@@ -551,7 +551,9 @@ cdef class UringDatapath(Datapath):
         cdef int64_t spin
         if not self.r.enabled:
             self._enable()
-        self.kept = 0                   # (left by a deferring poll that was not dispatched)
+        if self.kept:
+            # Kept by an iteration that a KeyboardInterrupt cut short: due before anything new.
+            self.dispatch_deferred()
         kb_bufring_publish(&self.r)     # buffers the application let go of since the harvest
         if self.parked:
             self._unpark()
