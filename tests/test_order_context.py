@@ -24,7 +24,7 @@ import pytest
 
 from test_tls import HOST, HOSTNAME, PKI
 
-REPEAT = 60
+REPEAT = 200
 BIG = 1 << 20
 var = contextvars.ContextVar("kbloop_test_var", default="unset")
 other = contextvars.ContextVar("kbloop_test_other", default="unset")
