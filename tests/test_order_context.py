@@ -18,7 +18,6 @@ import select
 import socket
 import sys
 import threading
-import time
 
 import pytest
 
@@ -363,11 +362,10 @@ def test_io_runs_before_timers_and_what_it_schedules_after(run):
 
 
 class CtxServer(asyncio.Protocol):
-    """Server protocol recording `var` in every callback, isolating nothing itself."""
+    """Server protocol recording `var` in every callback."""
 
-    def __init__(self, record, name_from_factory):
+    def __init__(self, record):
         self.record = record
-        self.factory_saw = name_from_factory
 
     def connection_made(self, transport):
         self.transport = transport
@@ -405,7 +403,7 @@ def test_server_callbacks_run_in_the_servers_context(run):
 
         def factory():
             record.append(("factory", var.get()))
-            proto = CtxServer(record, var.get())
+            proto = CtxServer(record)
             orig = proto.connection_lost
 
             def connection_lost(exc):
@@ -681,7 +679,7 @@ def test_tls_callbacks_see_the_servers_and_callers_context(run, pki):
 
         def factory():
             record.append(("factory", var.get()))
-            return CtxServer(record, var.get())
+            return CtxServer(record)
 
         server = await loop.create_server(factory, HOST, 0, ssl=pki.server_ctx())
         var.set("tls-client")
