@@ -659,7 +659,8 @@ def test_subprocess_callbacks_see_the_callers_context(run):
                                            stdin=None, stderr=None)
         var.set("later")
         await exited
-        await tr._wait()
+        while "pipe_lost" not in _kinds(events):
+            await asyncio.sleep(0.001)
         tr.close()
         assert _kinds(events)[0] == "made"
         assert {"data", "pipe_lost", "exited"} <= set(_kinds(events)), events
