@@ -16,7 +16,7 @@ import kbloop
 from loops import LOOPS, MODE_LOOPS  # noqa: E402  (tests/ is on sys.path)
 
 MODE_MODULES = {"test_tcp", "test_streams", "test_unix", "test_udp", "test_sock_ops",
-                "test_sendfile", "test_adversarial", "test_divergences"}
+                "test_sendfile", "test_adversarial", "test_divergences", "test_order_context"}
 
 
 def pytest_generate_tests(metafunc):
