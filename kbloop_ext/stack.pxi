@@ -300,6 +300,10 @@ cdef class StackDatapath(Datapath):
             (<StackSocket>s).rx_marked = False
             self._drain(s)
 
+    cdef bint _is_reading(self, StackSocket s):
+        cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+        return t is not None and t._recv_armed and not t._recv_stopping
+
     cdef _accepted(self, StackSocket ls, StackSocket s):
         """A connection came in on listening socket ls: its transport is made with the
         completions (the protocol factory runs there), after the ready callbacks."""
@@ -313,7 +317,14 @@ cdef class StackDatapath(Datapath):
             self.dispatch_deferred()
         if self.defer:
             if self.rx_ready:
-                self.kept_rx.extend(self.rx_ready)
+                # Only for transports reading now: one that starts reading in the ready
+                # callbacks (connection_made, _start_reading) gets its data at the next poll,
+                # after its creator resumed, as asyncio registers its reader only then.
+                for sock in self.rx_ready:
+                    if self._is_reading(<StackSocket>sock):
+                        self.kept_rx.append(sock)
+                    else:
+                        (<StackSocket>sock).rx_marked = False   # recv_start drains it later
                 self.rx_ready = []
             if self.later:
                 self.kept_later.extend(self.later)
