@@ -13,20 +13,10 @@ import pytest
 
 import kbloop
 
-LOOPS = {
-    "asyncio": asyncio.new_event_loop,
-    "kbloop": lambda: kbloop.new_event_loop(backend="io_uring"),
-}
+from loops import LOOPS, MODE_LOOPS  # noqa: E402  (tests/ is on sys.path)
 
-# kbloop's other reactor modes must serve the same transport tests as the default mode.
-MODE_LOOPS = {
-    "kbloop-busy_poll": lambda: kbloop.new_event_loop(backend="io_uring", busy_poll=True,
-                                                      spin_us=20),
-    "kbloop-sqpoll": lambda: kbloop.new_event_loop(backend="io_uring", sqpoll=True,
-                                                   sq_idle_ms=10),
-}
 MODE_MODULES = {"test_tcp", "test_streams", "test_unix", "test_udp", "test_sock_ops",
-                "test_sendfile", "test_divergences"}
+                "test_sendfile", "test_adversarial", "test_divergences", "test_order_context"}
 
 
 def pytest_generate_tests(metafunc):

@@ -92,6 +92,7 @@ cdef class _CoreLoop:
         public Py_ssize_t _timer_cancelled_count
         public double _clock_resolution
         list _ready
+        list _io_sink            # while a deferred dispatch runs: where fd-watch handles go
         list _scheduled
         list _flush_queue        # transports with writes to submit this iteration
         list _rearm_watches      # fd watches whose callback ran: re-arm (level-triggered)
@@ -259,6 +260,10 @@ cdef class _CoreLoop:
             close_unix()
         self._readers.clear()
         self._writers.clear()
+        self._transports.clear()    # weak in asyncio: transports outlive the loop on their own
+        for kept in self._sock_kept_by_fd.values():
+            (<_SockKept>kept).drop()
+        self._sock_kept_by_fd.clear()
         if self._net is not None:
             self._net.close()
         self._dp.close()
@@ -268,7 +273,8 @@ cdef class _CoreLoop:
         cdef list todo
         cdef TimerHandle timer
         cdef Handle handle
-        cdef Py_ssize_t n = len(sched), i = 0, ntodo
+        cdef Py_ssize_t n = len(sched), i = 0, ntodo, nold
+        cdef bint defer
         cdef double end, timeout, t0, dt, deadline
         cdef int64_t timeout_ns
 
@@ -300,6 +306,15 @@ cdef class _CoreLoop:
         else:
             timeout_ns = -1
 
+        # asyncio runs a poll's I/O after the callbacks already ready (connection_made, then
+        # the caller of create_connection, then data_received): with some, the datapaths
+        # keep their completions for dispatch_deferred() below (datapath.pxi: order).
+        nold = len(self._ready)
+        defer = nold != 0
+        self._dp.defer = defer
+        if self._net is not None:
+            self._net.defer = defer
+
         self._submit_queued()
         deadline = _monotonic() + timeout_ns * 1e-9
         if self._net is not None:
@@ -324,6 +339,40 @@ cdef class _CoreLoop:
                 self._iterations += 1
 
         end = _monotonic() + self._clock_resolution
+        if defer:
+            due = None              # the timers due now (not those the callbacks will add)
+            while sched:
+                timer = sched[0]
+                if timer._when >= end:
+                    break
+                heappop(sched)
+                timer._scheduled = False
+                if due is None:
+                    due = []
+                due.append(timer)
+            todo = self._ready
+            self._ready = []
+            try:
+                self._run_handles(todo, 0, nold)
+                self._io_sink = todo    # fd-watch handles: run this iteration, before timers
+                try:
+                    self._dp.dispatch_deferred()
+                    if self._net is not None:
+                        self._net.dispatch_deferred()
+                except BaseException:
+                    self._ready[0:0] = todo[nold:]
+                    raise
+                finally:
+                    self._io_sink = None
+            except BaseException:
+                if due is not None:
+                    self._ready.extend(due)
+                raise
+            if due is not None:
+                todo.extend(due)
+            self._run_handles(todo, nold, len(todo))
+            return
+
         while sched:
             timer = sched[0]
             if timer._when >= end:
@@ -338,14 +387,22 @@ cdef class _CoreLoop:
             return
         todo = self._ready
         self._ready = []
+        self._run_handles(todo, 0, ntodo)
+
+    cdef int _run_handles(self, list todo, Py_ssize_t start, Py_ssize_t stop) except -1:
+        cdef Handle handle
+        cdef Py_ssize_t i = start
+        cdef double t0, dt
+        if stop <= start:
+            return 0
         try:
             if not self._debug:
-                for i in range(ntodo):
+                for i in range(start, stop):
                     handle = todo[i]
                     if not handle._cancelled:
                         handle._run()
             else:
-                for i in range(ntodo):
+                for i in range(start, stop):
                     handle = todo[i]
                     if handle._cancelled:
                         continue
@@ -359,9 +416,11 @@ cdef class _CoreLoop:
                     self._current_handle = None
         except BaseException:
             # KeyboardInterrupt/SystemExit out of a callback: keep the rest queued, as asyncio.
+            # (Completions a datapath kept stay in it: its next poll dispatches them.)
             self._ready[0:0] = todo[i + 1:]
             self._current_handle = None
             raise
+        return 0
 
     cdef int _poll_with_stack(self, int64_t timeout_ns, double deadline) except -1:
         """With a user-space stack the loop never sleeps: that device is polled, not woken.
@@ -619,6 +678,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, (result, None))
             await self._sock_cancelled(op)
             raise
 
@@ -633,6 +696,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result]), None))
             await self._sock_cancelled(op)
             raise
 
@@ -693,6 +760,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), True, result)
             await self._sock_cancelled(op)
             raise
 
@@ -708,6 +779,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, result)
             await self._sock_cancelled(op)
             raise
 
@@ -722,6 +797,10 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # the result came, but the task was cancelled before it could take it
+                result = fut.result()
+                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result[0]]), result[1]))
             await self._sock_cancelled(op)
             raise
 
@@ -827,6 +906,20 @@ cdef class _CoreLoop:
             call_connection_made=call_connection_made)
         StreamCore(self, rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    async def start_tls(self, transport, protocol, sslcontext, *, server_side=False,
+                        server_hostname=None, ssl_handshake_timeout=None,
+                        ssl_shutdown_timeout=None):
+        # asyncio's, in whose transports reading resumes with the context of start_tls()'s
+        # caller: the TLS protocol's callbacks run in a copy of that context there, and here.
+        core = getattr(transport, '_core', None)
+        if (isinstance(core, StreamCore) and sslproto.ssl is not None
+                and isinstance(sslcontext, sslproto.ssl.SSLContext)):
+            (<StreamCore>core)._context = PyContext_CopyCurrent()
+        return await base_events.BaseEventLoop.start_tls(
+            self, transport, protocol, sslcontext, server_side=server_side,
+            server_hostname=server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout)
 
     def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100,
                        ssl_handshake_timeout=None, ssl_shutdown_timeout=None):

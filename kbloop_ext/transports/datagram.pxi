@@ -33,7 +33,35 @@ cdef class DatagramCore(TransportCore):
     cdef _arm_recv(self):
         self._dp.dgram_recv_start(self)
 
+    # The datapath's calls (datapath.pxi) run the protocol in the transport's context.
     cdef void _on_datagram(self, bytes data, addr) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_datagram(data, addr)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_dgram_error(self, int err) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_dgram_error(err)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_dgram_sent(self, Py_ssize_t size, int err) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_dgram_sent(size, err)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _handle_datagram(self, bytes data, addr) except *:
         if self._closing or self._called_lost:
             return
         if self._paused_reading or self._stash:
@@ -53,7 +81,7 @@ cdef class DatagramCore(TransportCore):
                 'exception': exc, 'transport': self._facade, 'protocol': self._protocol,
             })
 
-    cdef void _on_dgram_error(self, int err) except *:
+    cdef void _handle_dgram_error(self, int err) except *:
         if self._closing or self._called_lost or err == ECANCELED:
             return
         self._protocol.error_received(OSError(err, os.strerror(err)))
@@ -90,10 +118,28 @@ cdef class DatagramCore(TransportCore):
             except OSError as exc:
                 self._protocol.error_received(exc)
                 return
+        if self._loop._closed:
+            self._sendto_after_loop_closed(data, addr)
+            return
         self._sendq.append((data, sa))
         self._wbuf_size += len(data)
         self._queue_flush()
         self._maybe_pause_protocol()
+
+    cdef _sendto_after_loop_closed(self, data, addr):
+        """As asyncio: sent at once if the socket takes it; RuntimeError where asyncio would
+        need its (closed) loop to wait for room."""
+        if self._sendq or self._fd < 0 or self._sock is None:
+            raise RuntimeError('Event loop is closed')
+        try:
+            if addr is None:
+                self._sock.send(data)
+            else:
+                self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            raise RuntimeError('Event loop is closed') from None
+        except OSError as exc:
+            self._protocol.error_received(exc)
 
     cdef _flush(self):
         self._flush_queued = False
@@ -105,7 +151,7 @@ cdef class DatagramCore(TransportCore):
             self._sends_inflight += 1
             self._dp.dgram_send(self, data, sa)
 
-    cdef void _on_dgram_sent(self, Py_ssize_t size, int err) except *:
+    cdef void _handle_dgram_sent(self, Py_ssize_t size, int err) except *:
         self._sends_inflight -= 1
         if self._lost_scheduled or self._sock is None:
             return

@@ -71,7 +71,53 @@ cdef class StreamCore(TransportCore):
     cdef bint _wants_recv(self):
         return not self._eof_received and not self._stash_eof and not self._throttled
 
+    # The datapath's calls (datapath.pxi) run the protocol in the transport's context.
     cdef void _on_buffer(self, Buffer buf) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_buffer(buf)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_data(ptr, n)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_bytes(self, bytes data) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_bytes(data)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_eof(self) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_eof()
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_sent(self, Py_ssize_t nbytes, list unsent) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_sent(nbytes, unsent)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _handle_buffer(self, Buffer buf) except *:
         """A ZeroCopyProtocol's data: the receive buffer itself, the protocol's to keep."""
         if self._closing or self._called_lost:
             return
@@ -85,7 +131,7 @@ cdef class StreamCore(TransportCore):
         except BaseException as exc:
             self._fatal_error(exc, 'Fatal error: protocol.buffer_received() call failed.')
 
-    cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
+    cdef void _handle_data(self, const char *ptr, Py_ssize_t n) except *:
         """n bytes arrived in a pool buffer lent for this call only.  A BufferedProtocol
         gets them copied straight into its buffer; the others get a bytes object."""
         if (self._is_buffered and not self._paused_reading and not self._stash
@@ -99,7 +145,7 @@ cdef class StreamCore(TransportCore):
             return
         self._on_bytes(PyBytes_FromStringAndSize(ptr, n))
 
-    cdef void _on_bytes(self, bytes data) except *:
+    cdef void _handle_bytes(self, bytes data) except *:
         """Received data as a bytes object (from _on_data, or from a device that gathered it)."""
         if self._closing or self._called_lost:
             return
@@ -138,7 +184,7 @@ cdef class StreamCore(TransportCore):
             ptr += m
             n -= m
 
-    cdef void _on_eof(self) except *:
+    cdef void _handle_eof(self) except *:
         self._recv_armed = False
         if self._closing or self._called_lost:
             return
@@ -208,6 +254,9 @@ cdef class StreamCore(TransportCore):
                 logger.warning('socket.send() raised exception.')
             self._conn_lost += 1
             return
+        if self._loop._closed:
+            self._write_after_loop_closed(data)
+            return
         self._wbuf.append(data)
         self._wbuf_size += len(data)
         if not self._send_inflight:
@@ -217,6 +266,22 @@ cdef class StreamCore(TransportCore):
     def writelines(self, list_of_data):
         for data in list_of_data:
             self.write(data)
+
+    cdef _write_after_loop_closed(self, data):
+        """asyncio's write() sends at once what the socket takes, even when its loop is
+        closed, and fails (RuntimeError) only where it would need the loop to wait: so do we.
+        Never queue: nothing would ever send it."""
+        cdef Py_ssize_t n = 0
+        if self._wbuf or self._send_inflight or self._fd < 0 or self._sock is None:
+            raise RuntimeError('Event loop is closed')
+        try:
+            n = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            raise RuntimeError('Event loop is closed') from exc
+        if n < len(data):
+            raise RuntimeError('Event loop is closed')
 
     cdef _flush(self):
         self._flush_queued = False
@@ -235,7 +300,7 @@ cdef class StreamCore(TransportCore):
         self._wbuf = []
         return batch
 
-    cdef void _on_sent(self, Py_ssize_t nbytes, list unsent) except *:
+    cdef void _handle_sent(self, Py_ssize_t nbytes, list unsent) except *:
         """The datapath's send completed; `unsent` is what it could not send, in order."""
         self._send_inflight = False
         if self._lost_scheduled or self._sock is None:
@@ -361,6 +426,7 @@ cdef class Listener:
         object sslcontext
         object ssl_handshake_timeout, ssl_shutdown_timeout
         bint active
+        object _context          # copied at create_server/start_serving
         public object _dp_state
 
     def __init__(self, _CoreLoop loop, sock, protocol_factory, sslcontext, server,
@@ -374,6 +440,7 @@ cdef class Listener:
         self.sslcontext = sslcontext
         self.ssl_handshake_timeout = ssl_handshake_timeout
         self.ssl_shutdown_timeout = ssl_shutdown_timeout
+        self._context = PyContext_CopyCurrent()
 
     cdef start(self):
         if not self.active:
@@ -400,7 +467,17 @@ cdef class Listener:
         self._on_accept_socket(conn)
 
     cdef void _on_accept_socket(self, conn) except *:
-        """A new connection (a kernel socket, or a device's stand-in for one): its transport."""
+        """A new connection (a kernel socket, or a device's stand-in for one): its transport.
+        As asyncio (a task per accepted connection), each connection gets its own copy of the
+        server's context: the protocol factory runs in it, and the transport copies it."""
+        ctx = PyContext_Copy(self._context)
+        PyContext_Enter(ctx)
+        try:
+            self._accept_socket(conn)
+        finally:
+            PyContext_Exit(ctx)
+
+    cdef void _accept_socket(self, conn) except *:
         try:
             protocol = self.protocol_factory()
             if self.sslcontext is not None:
@@ -467,5 +544,8 @@ cdef class FdWatch:
     cdef void _on_ready(self) except *:
         self.armed = False
         if self.handle is not None and not self.handle._cancelled:
-            self._loop._ready.append(self.handle)
+            # an I/O handle: with the other I/O of this iteration (a deferred dispatch's
+            # handles join the handles running now), before the due timers
+            sink = self._loop._io_sink
+            (self._loop._ready if sink is None else sink).append(self.handle)
             self._loop._rearm_watches.append(self)

@@ -476,6 +476,7 @@ cdef class UringDatapath(Datapath):
         readonly str mode
         unsigned napi_us
         uint64_t n_spin_hits, n_sleeps
+        unsigned kept                # CQEs a deferring poll left in the CQ for dispatch_deferred
         Py_ssize_t inflight          # ops the ring holds a reference to
         object enabled_thread
         unsigned long enabled_ident
@@ -567,7 +568,10 @@ cdef class UringDatapath(Datapath):
 
     # -- plumbing -------------------------------------------------------------------------
     cdef io_uring_sqe *_sqe(self) except NULL:
-        cdef io_uring_sqe *s = io_uring_get_sqe(&self.r.ring)
+        cdef io_uring_sqe *s
+        if not self.opened:     # the loop is closed and the ring gone: asyncio's error
+            raise RuntimeError('Event loop is closed')
+        s = io_uring_get_sqe(&self.r.ring)
         if s == NULL:
             # The submission queue is full: hand it to the kernel now (only under heavy load).
             self._enable()
@@ -604,6 +608,8 @@ cdef class UringDatapath(Datapath):
 
     cdef _cancel(self, UringOp op, bint now):
         cdef io_uring_sqe *s
+        if not self.opened:
+            return          # the ring is gone, and every operation with it
         if now:
             self._cancel_now(op)
         else:
@@ -615,7 +621,10 @@ cdef class UringDatapath(Datapath):
         """Cancel op and submit at once: the caller closes the fd right after, and the kernel
         must let go of the file now (a listening port must be free when Server.close()
         returns).  The one place besides poll() that enters the kernel; counted apart."""
-        cdef io_uring_sqe *s = self._sqe()
+        cdef io_uring_sqe *s
+        if not self.opened:
+            return
+        s = self._sqe()
         io_uring_prep_cancel64(s, <uint64_t><PyObject *>op, 0)
         io_uring_sqe_set_data64(s, 0)
         if self.r.enabled and threading.get_ident() == self.enabled_thread:
@@ -633,6 +642,9 @@ cdef class UringDatapath(Datapath):
         cdef int64_t spin
         if not self.r.enabled:
             self._enable()
+        if self.kept:
+            # Kept by an iteration that a KeyboardInterrupt cut short: due before anything new.
+            self.dispatch_deferred()
         kb_bufring_publish(&self.r)     # buffers the application let go of since the harvest
         if self.parked:
             self._unpark()
@@ -648,7 +660,7 @@ cdef class UringDatapath(Datapath):
             if ret:
                 self.n_spin_hits += 1
                 self.n_polls += 1
-                return self._harvest()
+                return self._harvest(0)
             self.n_sleeps += 1
             if timeout_ns > 0:
                 timeout_ns = timeout_ns - spin if timeout_ns > spin else 0
@@ -665,7 +677,8 @@ cdef class UringDatapath(Datapath):
         elif ret == -EINTR:
             self.n_enters += 1
             if PyErr_CheckSignals() < 0:
-                self._harvest()     # what completed still gets delivered
+                if not self.defer:
+                    self._harvest(0)    # what completed still gets delivered
                 return -1
         elif ret == -EEXIST:
             raise RuntimeError(
@@ -674,18 +687,37 @@ cdef class UringDatapath(Datapath):
                 'new_event_loop(single_issuer=False)')
         elif ret < 0 and ret != -EBUSY and ret != -EAGAIN:
             raise OSError(-ret, 'io_uring_enter: ' + os.strerror(-ret))
-        return self._harvest()
+        if self.defer:
+            # Ready callbacks wait: leave the CQEs in the CQ (the ring keeps holding their ops
+            # and provided buffers) and dispatch exactly these after them.
+            self.kept = io_uring_cq_ready(&self.r.ring)
+            return self.kept
+        return self._harvest(0)
 
-    cdef int _harvest(self) except -1:
+    cdef int dispatch_deferred(self) except -1:
+        cdef unsigned n = self.kept
+        if n == 0:
+            return 0
+        self.kept = 0
+        return self._harvest(n)
+
+    cdef int _harvest(self, unsigned limit) except -1:
+        """Dispatch the CQEs in the CQ, or only the first `limit` of them."""
         cdef io_uring_cqe *cqes[CQE_BATCH]
-        cdef unsigned n, i
+        cdef unsigned n, i, want
         cdef uint64_t ud
         cdef int res, total = 0
         cdef uint32_t fl
         cdef UringOp op
         try:
             while True:
-                n = io_uring_peek_batch_cqe(&self.r.ring, cqes, CQE_BATCH)
+                want = CQE_BATCH
+                if limit:
+                    if <unsigned>total >= limit:
+                        break
+                    if limit - total < want:
+                        want = limit - total
+                n = io_uring_peek_batch_cqe(&self.r.ring, cqes, want)
                 if n == 0:
                     break
                 if n > self.max_cqe_batch:
@@ -728,7 +760,7 @@ cdef class UringDatapath(Datapath):
                 rounds += 1
                 if kb_submit_and_wait(&self.r, 10000000) == -EEXIST:
                     break   # closed from a thread other than the ring's issuer: cannot drain
-                self._harvest()
+                self._harvest(0)
         except BaseException:
             pass
         if self.inflight > 0:
@@ -786,7 +818,7 @@ cdef class UringDatapath(Datapath):
 
     cdef int recv_stop(self, TransportCore t) except -1:
         cdef io_uring_sqe *s
-        if t._dp_state is not None:
+        if t._dp_state is not None and self.opened:
             s = self._sqe()
             io_uring_prep_cancel64(s, <uint64_t><PyObject *>t._dp_state, 0)
             io_uring_sqe_set_data64(s, 0)
