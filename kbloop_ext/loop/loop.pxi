@@ -47,6 +47,16 @@ cdef inline double _monotonic():
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+# What a cancelled sock_* call's result becomes when it is kept (_sock_cancelled)
+cdef enum:
+    KEEP_NOTHING = 0
+    KEEP_BYTES = 1          # sock_recv: bytes
+    KEEP_INTO = 2           # sock_recv_into: a count, the data in buf
+    KEEP_FROM = 3           # sock_recvfrom: (bytes, address)
+    KEEP_FROM_INTO = 4      # sock_recvfrom_into: (count, address), the data in buf
+    KEEP_ACCEPTED = 5       # sock_accept: (socket, address)
+
+
 cdef class _SockKept:
     """Per socket: cancelled sock_* operations not over yet in the kernel, and what they
     completed after their callers gave up (served to the next call on the socket)."""
@@ -642,8 +652,20 @@ cdef class _CoreLoop:
         """Received data a call could not take whole (a stream): first in line again."""
         self._sock_kept(sock, sock.fileno(), True).received.insert(0, item)
 
-    async def _sock_cancelled(self, op):
-        """A sock_* call was cancelled: return once its operation is over in the kernel."""
+    async def _sock_cancelled(self, op, fut=None, sock=None, keep=KEEP_NOTHING, buf=None):
+        """A sock_* call was cancelled: keep a result that came too late for its caller (the
+        task was cancelled after the future was resolved), then return once its operation is
+        over in the kernel."""
+        if keep != KEEP_NOTHING and fut.done() and not fut.cancelled() \
+                and fut.exception() is None:
+            result = fut.result()
+            if keep == KEEP_BYTES:
+                result = (result, None)
+            elif keep == KEEP_INTO:
+                result = (bytes(memoryview(buf).cast('B')[:result]), None)
+            elif keep == KEEP_FROM_INTO:
+                result = (bytes(memoryview(buf).cast('B')[:result[0]]), result[1])
+            self._sock_keep(sock, sock.fileno(), keep == KEEP_ACCEPTED, result)
         settled = op.settled
         if settled is not None and not settled.done():
             await settled
@@ -678,11 +700,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, (result, None))
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_BYTES, None)
             raise
 
     async def sock_recv_into(self, sock, buf):
@@ -696,11 +714,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result]), None))
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_INTO, buf)
             raise
 
     async def sock_sendall(self, sock, data):
@@ -760,11 +774,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), True, result)
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_ACCEPTED, None)
             raise
 
     async def sock_recvfrom(self, sock, bufsize):
@@ -779,11 +789,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, result)
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_FROM, None)
             raise
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
@@ -797,11 +803,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result[0]]), result[1]))
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_FROM_INTO, buf)
             raise
 
     async def sock_sendto(self, sock, data, address):

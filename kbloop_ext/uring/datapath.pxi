@@ -216,22 +216,18 @@ cdef class WakeOp(UringOp):
         self.dp._arm_wakeup()
 
 
-cdef class FutureOp(UringOp):
-    """A one-shot operation resolving an asyncio future (sock_* and connect).
+cdef class SockOp(UringOp):
+    """An operation of a loop.sock_* call (or of a datagram transport, for MsgOp), on fd.
 
     A cancelled future does not undo what the kernel already did: a receive or an accept
     that completes after its caller gave up keeps its result for the next call on that
     socket (the loop's _SockKept), and the caller's cancellation waits until the operation
     has settled in the kernel (`settled`), so that nothing it started goes on behind it."""
     cdef:
-        object fut
-        int kind
         int fd
-        object keep             # objects the kernel reads or writes (address, buffer)
         object sock             # the socket object of the call
         Py_buffer view
         bint have_view
-        Py_ssize_t offset       # sock_sendall progress
         bint pending
         uint64_t prepared_at    # dp.n_polls when the SQE was queued
         public object settled   # future: the operation is over in the kernel (after a cancel)
@@ -252,14 +248,23 @@ cdef class FutureOp(UringOp):
             # an SQE naming that fd number in the queue: submit the cancel with it now.
             self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
 
-    cdef void _settle(self, object kept) except *:
+    cdef void _settle(self, object kept, bint accepted=False) except *:
         """The operation is over; `kept` is what a cancelled caller did not take."""
         cdef object settled = self.settled
         self.settled = None
         if kept is not None:
-            self.dp.loop._sock_keep(self.sock, self.fd, self.kind == OP_ACCEPT, kept)
+            self.dp.loop._sock_keep(self.sock, self.fd, accepted, kept)
         if settled is not None and not settled.done():
             settled.set_result(None)
+
+
+cdef class FutureOp(SockOp):
+    """A one-shot operation resolving an asyncio future (sock_* and connect)."""
+    cdef:
+        object fut
+        int kind
+        object keep             # objects the kernel reads or writes (address, buffer)
+        Py_ssize_t offset       # sock_sendall progress
 
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef object fut = self.fut
@@ -278,7 +283,7 @@ cdef class FutureOp(UringOp):
                 except OSError:
                     addr = None
                 if fut.done():
-                    self._settle((conn, addr))
+                    self._settle((conn, addr), True)
                 else:
                     fut.set_result((conn, addr))
                     self._settle(None)
@@ -324,33 +329,19 @@ cdef class FutureOp(UringOp):
             os.close(res)
 
 
-cdef class MsgOp(UringOp):
+cdef class MsgOp(SockOp):
     """recvmsg/sendmsg with an address: datagram transports and sock_recvfrom/sendto."""
     cdef:
         int kind
-        int fd
         object target           # DatagramCore, or the future of a sock_* call
-        object sock             # sock_*: the socket object of the call
         msghdr msg
         iovec iov
         char name[128]          # struct sockaddr_storage
-        Py_buffer view
-        bint have_view
         object keep             # objects the kernel reads or writes
         char *own_buf           # receive buffer of a datagram transport
-        uint64_t prepared_at
-        bint pending
-        public object settled   # as FutureOp's
 
     def __dealloc__(self):
-        if self.have_view:
-            PyBuffer_Release(&self.view)
         PyMem_Free(self.own_buf)
-
-    cdef void _release(self):
-        if self.have_view:
-            self.have_view = False
-            PyBuffer_Release(&self.view)
 
     cdef void _prep_recv(self, char *buf, size_t size):
         memset(&self.msg, 0, sizeof(msghdr))
@@ -373,19 +364,6 @@ cdef class MsgOp(UringOp):
         if sa is not None:
             self.msg.msg_name = PyBytes_AS_STRING(sa)
             self.msg.msg_namelen = len(sa)
-
-    def _on_fut_done(self, fut):
-        if fut.cancelled() and self.pending:
-            self.settled = self.dp.loop._sock_settling(self.sock, self.fd)
-            self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
-
-    cdef void _settle(self, object kept) except *:
-        cdef object settled = self.settled
-        self.settled = None
-        if kept is not None:
-            self.dp.loop._sock_keep(self.sock, self.fd, False, kept)
-        if settled is not None and not settled.done():
-            settled.set_result(None)
 
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef DatagramCore t
