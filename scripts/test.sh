@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The set-up is idempotent (demo.sh then test.sh run it twice): a second run redoes nothing.
+again=$(bash scripts/setup.sh 2>&1) || { echo "$again"; echo "scripts/setup.sh failed on a second run"; exit 1; }
+if grep -E "^== (apt-get install|python venv|fetch|lwIP: apply|pip install)" <<<"$again"; then
+    echo "scripts/setup.sh is not idempotent: its second run did the above again"; exit 1
+fi
 source scripts/venv.sh
 kb_venv
 export PATH="$VENV/bin:$PATH"     # what tests start by name (python3, uvicorn) is the venv's

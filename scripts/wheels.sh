@@ -12,8 +12,8 @@
 # from outside the source tree.
 #
 # No manylinux container is used (none can be fetched here): the wheels are built on this
-# machine, so their tag is the oldest manylinux policy that auditwheel finds they satisfy (for
-# Debian 12's glibc 2.36: manylinux_2_36 or lower), not manylinux2014.
+# machine, and their tag is the most compatible manylinux policy auditwheel finds they satisfy
+# (built on Debian 12, the core needs glibc 2.17 symbols only: manylinux_2_17, manylinux2014).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -101,7 +101,8 @@ for py in "${pythons[@]}"; do
         venv=$work/venv-$tag
         "$py" -m venv "$venv"
         "$venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel" \
-            -r requirements-test.txt
+            -r requirements-test.txt >"$work/install-$tag.log" 2>&1 ||
+            { cat "$work/install-$tag.log"; exit 1; }
         echo "== core suite on $tag against $(basename "$wheel"), installed in a fresh venv"
         # From outside the clone, so that `import kbloop` can only find the installed wheel
         # (tests/ goes on sys.path for its helpers, the clone's root does not).
