@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -806,7 +807,18 @@ def test_write_bytearray_then_mutate_peer_gets_original(run):
             pair.st.resume_reading()
             got = await pair.sp.wait_bytes(11 + len(original))
             assert got[:11] == b"hello world"
-            assert hashlib.sha256(got[11:]).digest() == hashlib.sha256(original).digest()
+            rest = got[11:]
+            if sys.version_info >= (3, 12) and \
+                    type(asyncio.get_running_loop()).__module__.startswith("asyncio"):
+                # asyncio 3.12+ keeps a view of the caller's bytearray for what the kernel did
+                # not take at once (no copy): the peer gets the original bytes up to there and
+                # the zeroed ones after.  kbloop copies (docs/differences.md).
+                n = next((i for i in range(len(rest)) if rest[i] != original[i]), len(rest))
+                assert n < len(rest)            # the kernel cannot take 16 MiB at once
+                assert rest[:n] == original[:n]
+                assert rest[n:].count(0) == len(rest) - n
+            else:
+                assert hashlib.sha256(rest).digest() == hashlib.sha256(original).digest()
         finally:
             await pair.aclose()
 
