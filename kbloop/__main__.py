@@ -3,12 +3,17 @@
     python -m kbloop info [--json]
     python -m kbloop [--backend io_uring] script.py [args...]
     python -m kbloop [--backend io_uring] -m package.module [args...]
+    python -m kbloop -m uvicorn --port 8000 app:app   # uvicorn's --loop auto: kbloop
+    python -m kbloop --version
     python -m kbloop --workers N [--busy-poll] script.py [args...]   # one loop per core
     python -m kbloop --stats script.py     # each loop prints its counters when it closes
     python -m kbloop --backend dpdk --dpdk-vdev net_af_xdp0,iface=eth1 --ip 10.0.0.2/24 \
         server.py                          # TCP on a user-space stack (docs/dpdk.md)
     python -m kbloop --backend rdma [--rdma-poll sleep] server.py
                                            # streams over RDMA queue pairs (docs/rdma.md)
+
+kbloop's options go before the program: everything from the script or -m module on is the
+program's command line, passed on untouched.
 """
 import argparse
 import json
