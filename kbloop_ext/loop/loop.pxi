@@ -11,6 +11,8 @@ cdef int MIN_SCHEDULED_TIMER_HANDLES = 100
 cdef int STACK_CLOCK_ROUNDS = 32    # stack polls per look at the clock
 cdef double URING_PEEK_INTERVAL = 50e-6   # with a stack: how often the io_uring datapath is polled
 _CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
+# create_unix_server(cleanup_socket=True), the default from 3.13 (the keyword too).
+_CLEANUP_UNIX_SOCKET = sys.version_info >= (3, 13)
 # Set in each kbloop worker process (kbloop.workers): unmodified servers share their port.
 _WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
 
@@ -59,6 +61,7 @@ cdef class _CoreLoop:
         list _rearm_watches      # fd watches whose callback ran: re-arm (level-triggered)
         dict _readers, _writers  # fd -> FdWatch
         dict _listeners          # listening fd -> Listener
+        dict _unix_server_sockets   # socket -> (path, inode): files removed at close (3.13)
         dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
         readonly Datapath _dp
         readonly Datapath _net   # a datapath with its own stack (DPDK, RDMA) beside _dp, or None
@@ -82,6 +85,7 @@ cdef class _CoreLoop:
         self._readers = {}
         self._writers = {}
         self._listeners = {}
+        self._unix_server_sockets = {}
         self._transports = {}
         self._clock_resolution = time.get_clock_info('monotonic').resolution
         # State that the methods inherited from asyncio.BaseEventLoop read and write.
@@ -650,6 +654,16 @@ cdef class _CoreLoop:
         if listener is not None:
             listener.stop()
         sock.close()
+        unix = self._unix_server_sockets.pop(sock, None) if self._unix_server_sockets else None
+        if unix is not None:
+            path, ino = unix
+            try:
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                logger.error('Unable to clean up listening UNIX socket %r: %r', path, err)
 
     # -- create_connection: asyncio's, plus all_errors (3.12) on every Python ----------------
     cdef object _check_datapath_choice(self, datapath):
@@ -887,7 +901,8 @@ cdef class _CoreLoop:
 
     async def create_unix_server(self, protocol_factory, path=None, *, sock=None, backlog=100,
                                  ssl=None, ssl_handshake_timeout=None,
-                                 ssl_shutdown_timeout=None, start_serving=True):
+                                 ssl_shutdown_timeout=None, start_serving=True,
+                                 cleanup_socket=_CLEANUP_UNIX_SOCKET):
         _check_ssl_args(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if path is not None:
             if sock is not None:
@@ -918,6 +933,14 @@ cdef class _CoreLoop:
                 raise ValueError('path was not specified, and no sock specified')
             if sock.family != AF_UNIX or sock.type != SOCK_STREAM:
                 raise ValueError(f'A UNIX Domain Stream Socket was expected, got {sock!r}')
+        if cleanup_socket:
+            # As asyncio 3.13: the socket file goes when the server closes, if it is still ours.
+            name = sock.getsockname()
+            if isinstance(name, str) and name and name[0] != '\x00':
+                try:
+                    self._unix_server_sockets[sock] = (name, os.stat(name).st_ino)
+                except FileNotFoundError:
+                    pass
         sock.setblocking(False)
         server = Server(self, [sock], protocol_factory, ssl, backlog,
                         ssl_handshake_timeout, ssl_shutdown_timeout)

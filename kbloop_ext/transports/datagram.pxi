@@ -8,6 +8,10 @@
 cdef Py_ssize_t DATAGRAM_MAX_SIZE = 256 * 1024     # asyncio's _SelectorTransport.max_size
 
 
+# asyncio 3.13 sends a zero-length datagram for sendto(b''); before, it dropped it.
+_SEND_EMPTY_DATAGRAMS = sys.version_info >= (3, 13)
+
+
 cdef class DatagramCore(TransportCore):
     cdef:
         object _address          # the connected remote address (remote_addr=), or None
@@ -67,7 +71,7 @@ cdef class DatagramCore(TransportCore):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f'data argument must be a bytes-like object, '
                             f'not {type(data).__name__!r}')
-        if not data:
+        if not data and not _SEND_EMPTY_DATAGRAMS:
             return
         if self._address:
             if addr not in (None, self._address):
