@@ -23,6 +23,10 @@ TAG = f"cp{sys.version_info[0]}{sys.version_info[1]}"
 if not os.path.exists(os.path.join(REPO, "scripts", "wheels.sh")):
     pytest.skip("not a source tree", allow_module_level=True)
 
+# Building a wheel and running the core suite against it takes minutes (tox.ini's 300 s is per
+# test, the fixture's set-up included).
+pytestmark = pytest.mark.timeout(1800)
+
 
 def version():
     with open(os.path.join(REPO, "kbloop", "__init__.py")) as f:
