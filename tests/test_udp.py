@@ -256,6 +256,12 @@ def test_pause_reading_holds_datagrams(run):
         addr = rt.get_extra_info("sockname")
         st, sp = await loop.create_datagram_endpoint(Recorder, remote_addr=addr)
         try:
+            if type(rt).pause_reading is asyncio.ReadTransport.pause_reading:
+                # asyncio before a 3.11 bug-fix release (Debian 12's 3.11.2): datagram
+                # transports cannot pause.
+                with pytest.raises(NotImplementedError):
+                    rt.pause_reading()
+                return
             rt.pause_reading()
             assert not rt.is_reading()
             for i in range(5):

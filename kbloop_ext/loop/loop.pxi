@@ -108,6 +108,7 @@ cdef class _CoreLoop:
         list _rearm_watches      # fd watches whose callback ran: re-arm (level-triggered)
         dict _readers, _writers  # fd -> FdWatch
         dict _listeners          # listening fd -> Listener
+        dict _unix_server_sockets   # 3.13 cleanup_socket: listening socket -> its inode
         dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
         dict _sock_kept_by_fd    # fd -> _SockKept: what cancelled sock_* calls left behind
         readonly Datapath _dp
@@ -132,6 +133,7 @@ cdef class _CoreLoop:
         self._readers = {}
         self._writers = {}
         self._listeners = {}
+        self._unix_server_sockets = {}
         self._transports = {}
         self._sock_kept_by_fd = {}
         self._clock_resolution = time.get_clock_info('monotonic').resolution
@@ -146,7 +148,6 @@ cdef class _CoreLoop:
         self._asyncgens = weakref.WeakSet()
         self._asyncgens_shutdown_called = False
         self._executor_shutdown_called = False
-        self._unix_server_sockets = {}      # 3.13 cleanup_socket: listening sock -> st_ino
         self.slow_callback_duration = 0.1
         self.set_debug(coroutines._is_debug_mode())
 
