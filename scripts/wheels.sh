@@ -36,7 +36,10 @@ done
 
 find_python() {     # find_python 3.12 -> an interpreter of that version, or nothing
     local v=$1 p
-    for p in "$(pyenv root 2>/dev/null)"/versions/"$v".*/bin/python"$v" "$(command -v python"$v")"; do
+    # pyenv's, found even when pyenv is not on PATH (a non-login shell), then PATH's.
+    local root
+    root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+    for p in "$root"/versions/"$v".*/bin/python"$v" "$(command -v python"$v")"; do
         [ -n "$p" ] && [ -x "$p" ] && "$p" -c 'import sys' 2>/dev/null && { echo "$p"; return; }
     done
 }

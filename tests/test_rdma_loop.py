@@ -597,6 +597,10 @@ async def handler(reader, writer):
             if n >= 1 << 20 and not errors:
                 print("streaming", flush=True)
                 errors.append("streaming")
+            if n == 2 << 20:
+                # All read, and every credit given back: wait until the link has been quiet
+                # for a while (the credits acknowledged) before the test cuts it.
+                asyncio.get_running_loop().call_later(2, lambda: print("idle", flush=True))
     except OSError as exc:
         errors.append([type(exc).__name__, exc.errno, str(exc)])
     writer.close()
@@ -640,10 +644,12 @@ async def main():
         while await r.read(1 << 20):
             pass
     reading = asyncio.ensure_future(read_back())
-    chunk = b"w" * 65536
-    while True:
-        w.write(chunk)
+    # 2 MiB, then silence: by the time the guest is killed, nothing of either side is in flight,
+    # so only the survivor's liveness probes can find out.
+    for _ in range(32):
+        w.write(b"w" * 65536)
         await w.drain()
+    await asyncio.sleep(3600)
 
 asyncio.Runner(loop_factory=rdma_loop("sleep")).run(main())
 '''
@@ -655,6 +661,7 @@ def test_two_guests_survivor_reports_the_cut_link():
         return f"{sys.executable} - <<'KB_RDMA_EOF'\n{script}\nKB_RDMA_EOF\n"
     with rdma_vm.start_pair(cmd(PAIR_SERVER), cmd(PAIR_CLIENT)) as (server, client):
         server.wait_for_output("streaming", timeout=240)
+        server.wait_for_output("idle", timeout=120)
         client.kill()
         result = server.wait(timeout=300)
         client.wait()
