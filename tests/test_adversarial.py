@@ -139,8 +139,19 @@ def stream_writer(sock, total, chunk=1000):
     return pattern[:total]
 
 
+def asyncio_wait_for_drops_results(request, loop_name):
+    """From 3.12, asyncio.wait_for() is asyncio.timeout() around the await: a result that
+    arrives in the same loop iteration as the timeout is thrown away with the CancelledError
+    (the Task machinery's, not the loop's).  asyncio, the control, can then lose data here;
+    kbloop keeps what its cancelled receive got (docs/differences.md)."""
+    if loop_name == "asyncio" and sys.version_info >= (3, 12):
+        request.applymarker(pytest.mark.xfail(
+            strict=False, reason="asyncio >= 3.12: wait_for drops a result that meets the timeout"))
+
+
 @pytest.mark.parametrize("call", ["sock_recv", "sock_recv_into"])
-def test_sock_recv_with_tiny_timeouts_loses_nothing(run, busy_core, call):
+def test_sock_recv_with_tiny_timeouts_loses_nothing(run, busy_core, call, request, loop_name):
+    asyncio_wait_for_drops_results(request, loop_name)
     async def main():
         loop = asyncio.get_running_loop()
         a, b = socket.socketpair()
@@ -199,7 +210,8 @@ def test_cancelled_sock_recv_keeps_the_message(run, busy_core):
     run(main(), timeout=120)
 
 
-def test_sock_recvfrom_with_tiny_timeouts_loses_no_datagram(run, busy_core):
+def test_sock_recvfrom_with_tiny_timeouts_loses_no_datagram(run, busy_core, request, loop_name):
+    asyncio_wait_for_drops_results(request, loop_name)
     async def main():
         loop = asyncio.get_running_loop()
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -351,7 +363,12 @@ def test_public_methods_after_loop_close(loop_name, group):
     got = after_close(loop_name, group)
     if group not in _asyncio_after_close:
         _asyncio_after_close[group] = after_close("asyncio", group)
-    expected = _asyncio_after_close[group]
+    expected = dict(_asyncio_after_close[group])
+    if expected.get("writelines") == "TypeError" and sys.version_info >= (3, 12):
+        # asyncio 3.12+'s writelines() on a closed transport calls its _write_ready, already
+        # None ("'NoneType' object is not callable"): a bug, not a behaviour.  kbloop does
+        # what write() does there (docs/differences.md).
+        expected["writelines"] = expected["write"]
     assert got.keys() == expected.keys()
     diff = {name: (expected[name], got[name]) for name in got if got[name] != expected[name]}
     assert not diff, f"(asyncio, {loop_name}) differ: {diff}"
