@@ -350,6 +350,70 @@ def test_call_soon_threadsafe_many_threads(run):
         assert [i for (kk, i) in got if kk == k] == list(range(200))
 
 
+def test_call_soon_threadsafe_ping_pong_loses_no_wakeup(run):
+    # Each round the loop goes to sleep and only the thread's call can wake it: a wake-up that
+    # coalescing dropped shows as a hang (run()'s timeout).  Half the rounds the thread calls
+    # at once, half after the loop is surely asleep.
+    async def main():
+        loop = asyncio.get_running_loop()
+        rounds = 2000
+        asked = threading.Event()
+        state = {"fut": None}
+
+        def worker():
+            for i in range(rounds):
+                asked.wait()
+                asked.clear()
+                if i % 2:
+                    time.sleep(0.0002)
+                loop.call_soon_threadsafe(state["fut"].set_result, i)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            got = []
+            for i in range(rounds):
+                state["fut"] = loop.create_future()
+                asked.set()
+                got.append(await state["fut"])
+            return got
+        finally:
+            t.join()
+
+    assert run(main, timeout=60) == list(range(2000))
+
+
+def test_call_soon_threadsafe_coalesces_wakeups_while_the_loop_is_busy():
+    # While the loop runs a callback, a thread queues 1,000 callbacks: one eventfd write wakes
+    # the loop for all of them (uvloop coalesces too); every callback still runs, in order.
+    import kbloop
+    loop = kbloop.new_event_loop()
+    try:
+        busy, queued, got = threading.Event(), threading.Event(), []
+
+        def worker():
+            busy.wait()
+            for i in range(1000):
+                loop.call_soon_threadsafe(got.append, i)
+            queued.set()
+
+        def block():
+            busy.set()
+            queued.wait(30)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        loop.run_until_complete(asyncio.sleep(0))
+        before = loop.stats()["wake_writes"]
+        loop.call_soon(block)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        t.join()
+        assert got == list(range(1000))
+        assert loop.stats()["wake_writes"] - before <= 1
+    finally:
+        loop.close()
+
+
 def test_call_soon_threadsafe_returns_handle(run):
     async def main():
         loop = asyncio.get_running_loop()

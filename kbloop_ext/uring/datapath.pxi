@@ -213,6 +213,7 @@ cdef class WakeOp(UringOp):
     cdef void complete(self, int res, uint32_t flags) except *:
         if self.dp.closing:
             return
+        kb_wake_reset(&self.dp.wake_pending)
         self.dp._arm_wakeup()
 
 
@@ -446,6 +447,8 @@ cdef class UringDatapath(Datapath):
         kb_ring r
         bint opened, closing
         int wake_fd
+        int wake_pending             # an eventfd write is on its way (kb_wake_claim)
+        uint64_t n_wake_writes       # eventfd writes made (the rest were coalesced)
         WakeOp wake_op
         uint64_t n_sqes, n_cqes, n_enters, n_polls
         uint64_t n_cancel_enters     # enters made by _cancel_now, outside poll()
@@ -581,7 +584,8 @@ cdef class UringDatapath(Datapath):
 
     cdef void wakeup(self) noexcept nogil:
         cdef uint64_t one = 1
-        if self.wake_fd >= 0:
+        if self.wake_fd >= 0 and kb_wake_claim(&self.wake_pending):
+            self.n_wake_writes += 1
             write(self.wake_fd, &one, 8)
 
     cdef _cancel(self, UringOp op, bint now):
@@ -1124,6 +1128,7 @@ cdef class UringDatapath(Datapath):
             'mode': self.mode,
             'spin_hits': self.n_spin_hits,
             'sleeps': self.n_sleeps,
+            'wake_writes': self.n_wake_writes,
             'napi_busy_poll_us': self.napi_us,
             'inflight': self.inflight,
             'bufs_total': self.r.nbufs,

@@ -133,6 +133,17 @@ static inline void kb_bufring_grow(kb_ring *r) {
     }
 }
 
+/* Wake-up coalescing (call_soon_threadsafe() from other threads): the first wake-up since the
+ * loop last read its eventfd claims the write; later ones see a write pending and skip the
+ * syscall.  The loop resets the claim when the read completes, before it looks at what the
+ * wakers queued, so a callback queued after the reset writes again and none is missed. */
+static inline int kb_wake_claim(int *pending) {
+    return __atomic_exchange_n(pending, 1, __ATOMIC_SEQ_CST) == 0;
+}
+static inline void kb_wake_reset(int *pending) {
+    __atomic_store_n(pending, 0, __ATOMIC_SEQ_CST);
+}
+
 /* Submit what is queued and wait for at least one completion, up to timeout_ns
  * (<0: forever, 0: do not wait).  Makes at most one io_uring_enter, and none when nothing is
  * queued and completions are already waiting.  Returns 1 if it entered the kernel, 0 if not,

@@ -126,6 +126,8 @@ cdef extern from "kb_uring.h" nogil:
     void kb_bufring_grow(kb_ring *r)
     void kb_bufring_publish(kb_ring *r)
     int kb_submit_and_wait(kb_ring *r, int64_t timeout_ns)
+    bint kb_wake_claim(int *pending)
+    void kb_wake_reset(int *pending)
     int kb_probe(unsigned *features, unsigned *kernel_features, unsigned *setup_flags,
                  char *why, size_t why_len)
     int kb_opcode_supported(int op)
