@@ -414,6 +414,52 @@ def test_call_soon_threadsafe_coalesces_wakeups_while_the_loop_is_busy():
         loop.close()
 
 
+def test_io_completes_while_callbacks_are_always_ready(run):
+    # A task that never lets the ready queue empty (sleep(0) in a loop): the loop polls for I/O
+    # without blocking each iteration (kbloop: without a syscall when the kernel flags nothing
+    # pending), and must still see every completion: a connection, data both ways, EOF, and a
+    # thread's call_soon_threadsafe.  A poll that never looked would spin until the timeout.
+    async def main():
+        loop = asyncio.get_running_loop()
+        stop = False
+
+        async def spin():
+            n = 0
+            while not stop:
+                n += 1
+                await asyncio.sleep(0)
+            return n
+
+        spinner = asyncio.ensure_future(spin())
+        await asyncio.sleep(0)
+
+        async def echo(r, w):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        payload = bytes(range(256)) * 4096
+        w.write(payload)
+        w.write_eof()
+        echoed = await r.read()
+        w.close()
+        from_thread = loop.create_future()
+        threading.Thread(target=lambda: loop.call_soon_threadsafe(
+            from_thread.set_result, "woken")).start()
+        woken = await from_thread
+        stop = True
+        spins = await spinner
+        server.close()
+        await server.wait_closed()
+        return echoed == payload, woken, spins > 0
+
+    assert run(main, timeout=30) == (True, "woken", True)
+
+
 def test_create_task_and_future_as_asyncio(loop_factory):
     # create_task/create_future/get_debug are kbloop's own (speed): the same objects, names,
     # contexts, factory protocol and closed-loop error as BaseEventLoop's.
