@@ -44,6 +44,7 @@ cdef extern from "<sys/socket.h>":
     ssize_t c_sendto "sendto" (int fd, const void *buf, size_t n, int flags,
                                const sockaddr *addr, socklen_t addrlen)
     int c_connect "connect" (int fd, const sockaddr *addr, socklen_t addrlen)
+    int c_shutdown "shutdown" (int fd, int how)
 
 cdef extern from "<malloc.h>":
     int mallopt(int param, int value)

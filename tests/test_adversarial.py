@@ -452,6 +452,89 @@ def test_half_close_then_server_keeps_writing(run):
     run(main(), timeout=60)
 
 
+def test_close_on_eof_while_writing_then_write_eof_ends_the_connection(run):
+    """write() + write_eof(), then the peer's FIN makes eof_received() return None (close())
+    while the send is still in flight (the peer reads late): once everything is sent, the FIN
+    goes out and connection_lost() comes, as websockets' closing handshake expects."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        payload = os.urandom(4 << 20)
+        lost = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                self.transport.write(payload)
+                self.transport.write_eof()
+
+            def eof_received(self):
+                return None                     # asyncio closes the transport
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Server, LOCAL, 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            def client():
+                with socket.create_connection((LOCAL, port)) as c:
+                    c.sendall(b"go")
+                    c.shutdown(socket.SHUT_WR)      # FIN before reading anything
+                    import time
+                    time.sleep(0.2)                 # the server's send is blocked by now
+                    return _read_all(c)
+            got = await asyncio.to_thread(client)
+            exc = await asyncio.wait_for(lost, 10)
+        finally:
+            server.close()
+        assert got == payload and exc is None
+
+    for _ in range(3):
+        run(main(), timeout=60)
+
+
+def test_write_eof_then_close_leaves_the_next_connection_alone(run, busy_core):
+    """Each round half-closes and closes a connection and at once opens the next one, which
+    often gets the same fd number.  A half-close that reached the kernel late (io_uring runs
+    IORING_OP_SHUTDOWN in a worker thread and looks the fd up only there) shut the *next*
+    connection's write side: its request never arrived whole (websockets' close then
+    reconnect failed this way under load)."""
+    async def main():
+        async def handler(reader, writer):
+            try:
+                size = int((await reader.readuntil(b":"))[:-1])
+                data = await reader.readexactly(size)
+                writer.write(hashlib.sha256(data).digest())
+                await reader.read()                 # the client's FIN
+            except (asyncio.IncompleteReadError, ValueError):
+                pass                                # cut short: the client sees no answer
+            writer.close()
+
+        server = await asyncio.start_server(handler, LOCAL, 0)
+        port = server.sockets[0].getsockname()[1]
+        bad = []
+        try:
+            for i in range(400):
+                data = b"%d" % i * 500
+                r, w = await asyncio.open_connection(LOCAL, port)
+                w.write(b"%d:" % len(data) + data)
+                try:
+                    answer = await r.readexactly(32)
+                except asyncio.IncompleteReadError as exc:
+                    answer = exc.partial
+                if answer != hashlib.sha256(data).digest():
+                    bad.append(i)
+                w.write_eof()
+                w.close()                           # and the next round connects at once
+        finally:
+            server.close()
+        return bad
+
+    assert run(main(), timeout=120) == []
+
+
 EMFILE_SERVER = r"""
 import asyncio, logging, os, resource, sys
 sys.path.insert(0, sys.argv[2])

@@ -293,6 +293,10 @@ cdef class StreamCore(TransportCore):
         elif self._eof_written and not self._shut_wr_done:
             self._shut_wr_done = True
             self._dp.shutdown_write(self)
+            # Closed while the last send was in flight (eof_received() returned None, say):
+            # close() left the end to the send's completion, which handed it to us.
+            if self._closing and not self._lost_scheduled:
+                self._schedule_connection_lost(None)
 
     cdef list take_batch(self):
         """For the datapath: hand over the queued writes (it holds them until completion)."""

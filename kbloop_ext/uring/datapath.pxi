@@ -938,9 +938,12 @@ cdef class UringDatapath(Datapath):
                 t._start_reading()
 
     cdef int shutdown_write(self, StreamCore t) except -1:
-        cdef io_uring_sqe *s = self._sqe()
-        io_uring_prep_shutdown(s, t._fd, SHUT_WR)
-        io_uring_sqe_set_data64(s, 0)
+        # A plain system call, not IORING_OP_SHUTDOWN: the kernel always runs that one in an
+        # io-wq worker and looks the fd up only then, which on a busy machine can be after
+        # the transport's CLOSE and after a new socket took the same number (it half-closed
+        # the next connection).  The transport calls this once its sends have completed.
+        # Errors are left to the receive side, as before (a reset peer: ENOTCONN here).
+        c_shutdown(t._fd, SHUT_WR)
         return 0
 
     cdef int close_fd(self, int fd) except -1:
