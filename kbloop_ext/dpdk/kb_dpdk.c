@@ -33,6 +33,7 @@
 #define KB_BURST 32
 #define KB_TXQ 256
 #define KB_HELD 8192     /* frames held back by fault injection, per direction */
+#define KB_RX_RESERVE_DIV 8   /* an eighth of the pool stays free for receiving and sending */
 #define KB_ZC_MIN 256    /* smaller no-copy pieces are copied: an mbuf of their own costs more */
 
 /* Frames held back by fault injection: a FIFO (the delay is constant, so release order is
@@ -51,6 +52,7 @@ static struct {
     uint16_t port;
     struct rte_mempool *pool;
     uint32_t nb_mbufs;
+    uint32_t rx_reserve;   /* free mbufs below which received frames are copied (kb_input) */
     struct rte_ether_addr mac;
     struct netif netif;
     char runtime_dir[4096];
@@ -382,6 +384,7 @@ int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
         goto fail_eal;
     }
     S.nb_mbufs = cfg->nb_mbufs ? cfg->nb_mbufs : 16383;
+    S.rx_reserve = S.nb_mbufs / KB_RX_RESERVE_DIV;
     S.pool = kb_pool_create(S.nb_mbufs);
     if (S.pool == NULL) {
         snprintf(errbuf, errlen, "mbuf pool of %u: %s (give the EAL more memory with -m)",
@@ -485,10 +488,34 @@ void kb_dpdk_stop(void)
 const uint8_t *kb_dpdk_mac(void) { return S.mac.addr_bytes; }
 const char *kb_dpdk_runtime_dir(void) { return S.runtime_dir; }
 
-static void kb_input(struct rte_mbuf *m)
+/* A frame lwIP keeps (data not read yet, out-of-order segments, lent Buffers) keeps its mbuf,
+ * and the device refills its receive ring from the same pool.  Connections whose readers are
+ * slow or paused could take the whole pool and leave none for the frames that carry the
+ * acknowledgements and data everything else waits for: the stack would stop for every
+ * connection.  So once fewer than this reserve are free, received frames are copied into
+ * heap pbufs and their mbufs go back at once (lwIP's windows still bound what it holds). */
+static struct pbuf *kb_mbuf_copy_to_pbuf(struct rte_mbuf *m)
+{
+    uint16_t len = rte_pktmbuf_data_len(m);
+    struct pbuf *p = pbuf_alloc(PBUF_RAW, len, PBUF_RAM);
+    if (p != NULL) {
+        pbuf_take(p, rte_pktmbuf_mtod(m, void *), len);
+        S.st.rx_copied++;
+    }
+    rte_pktmbuf_free(m);
+    return p;
+}
+
+static void kb_input(struct rte_mbuf *m, int copy)
 {
     if (m->nb_segs != 1) {   /* jumbo chains: not configured, so not expected */
         rte_pktmbuf_free(m);
+        return;
+    }
+    if (copy) {
+        struct pbuf *c = kb_mbuf_copy_to_pbuf(m);
+        if (c != NULL && S.netif.input(c, &S.netif) != ERR_OK)
+            pbuf_free(c);
         return;
     }
     struct pbuf *p = kb_mbuf_to_pbuf(m);
@@ -504,7 +531,7 @@ int kb_dpdk_poll(void)
     if (faults) {   /* held frames whose delay is over go first, in order */
         uint64_t now = now_ns();
         while ((m = fault_release(&S.faults.rx, now)) != NULL)
-            kb_input(m);
+            kb_input(m, rte_mempool_avail_count(S.pool) < S.rx_reserve);
         while ((m = fault_release(&S.faults.tx, now)) != NULL) {
             S.txq[S.ntx++] = m;
             if (S.ntx == KB_TXQ)
@@ -512,11 +539,12 @@ int kb_dpdk_poll(void)
         }
     }
     uint16_t n = rte_eth_rx_burst(S.port, 0, rx, KB_BURST);
+    int copy = n && rte_mempool_avail_count(S.pool) < S.rx_reserve;
     for (uint16_t i = 0; i < n; i++) {
         S.st.rx_bytes += rte_pktmbuf_pkt_len(rx[i]);
         if (faults && (S.faults.dirs & 1) && !fault_filter(&S.faults.rx, rx[i]))
             continue;
-        kb_input(rx[i]);
+        kb_input(rx[i], copy);
     }
     S.st.rx_packets += n;
     /* lwIP's timers tick every 10 ms (TCP_TMR_INTERVAL): looking at the clock on one idle poll
@@ -932,6 +960,7 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     }
     *st = S.st;
     st->mbufs_total = S.nb_mbufs;
+    st->mbufs_reserve = S.rx_reserve;
     st->mbufs_in_use = S.pool ? S.nb_mbufs - rte_mempool_avail_count(S.pool) : 0;
     st->conns_live = S.conns_live;
     st->fault_held = S.faults.rx.count + S.faults.tx.count;
