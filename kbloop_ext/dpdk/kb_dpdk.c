@@ -11,6 +11,7 @@
 #include <rte_lcore.h>
 #include <rte_mbuf.h>
 #include <rte_mempool.h>
+#include <rte_mbuf_pool_ops.h>
 
 /* DPDK pulls in <netinet/ip.h>, whose fragment flags lwIP defines again, identically. */
 #undef IP_RF
@@ -32,6 +33,7 @@
 #define KB_BURST 32
 #define KB_TXQ 256
 #define KB_HELD 8192     /* frames held back by fault injection, per direction */
+#define KB_RX_RESERVE_DIV 8   /* an eighth of the pool stays free for receiving and sending */
 #define KB_ZC_MIN 256    /* smaller no-copy pieces are copied: an mbuf of their own costs more */
 
 /* Frames held back by fault injection: a FIFO (the delay is constant, so release order is
@@ -50,6 +52,7 @@ static struct {
     uint16_t port;
     struct rte_mempool *pool;
     uint32_t nb_mbufs;
+    uint32_t rx_reserve;   /* free mbufs below which received frames are copied (kb_input) */
     struct rte_ether_addr mac;
     struct netif netif;
     char runtime_dir[4096];
@@ -308,6 +311,51 @@ static err_t kb_netif_init(struct netif *nif)
 
 /* ------------------------------------------------------------------ start, poll, stop */
 
+/* The mbuf pool, its objects packed edge to edge.  DPDK 22.11's af_xdp registers the pool's
+ * memory with the kernel as its UMEM, sized (number of mbufs) x (object size) from the first
+ * object: it assumes no gaps.  rte_pktmbuf_pool_create keeps each object inside one page
+ * when it must keep objects IOVA-contiguous, and with 4 KiB pages (--no-huge) that spaced
+ * the 2.5 KiB objects 4 KiB apart: the UMEM covered 39 of the pool's 64 MiB.  The kernel
+ * rejected every frame sent from an mbuf past its end (XDP_STATISTICS tx_invalid_descs) and
+ * every such fill-ring slot, without a completion: frames vanished, their mbufs leaked, and
+ * once a busy stack had cycled through the pool its connections stalled in retransmission
+ * backoff (issue 18).  With IOVA as VA, a virtually contiguous area is IOVA-contiguous, so
+ * the objects need no padding: a packed pool is what any device that maps it as one region
+ * expects, and takes less memory. */
+static struct rte_mempool *kb_pool_create(unsigned n)
+{
+    unsigned priv = RTE_ALIGN(sizeof(struct pbuf_custom), RTE_MBUF_PRIV_ALIGN);
+    unsigned flags = rte_eal_iova_mode() == RTE_IOVA_VA ? RTE_MEMPOOL_F_NO_IOVA_CONTIG : 0;
+    struct rte_pktmbuf_pool_private mbp;
+    memset(&mbp, 0, sizeof mbp);
+    mbp.mbuf_data_room_size = RTE_MBUF_DEFAULT_BUF_SIZE;
+    mbp.mbuf_priv_size = (uint16_t)priv;
+    struct rte_mempool *mp = rte_mempool_create_empty(
+        "kbloop_rx", n, sizeof(struct rte_mbuf) + priv + RTE_MBUF_DEFAULT_BUF_SIZE, 256,
+        sizeof mbp, rte_socket_id(), flags);
+    if (mp == NULL)
+        return NULL;
+    if (rte_mempool_set_ops_byname(mp, rte_mbuf_best_mempool_ops(), NULL) != 0)
+        goto fail;
+    rte_pktmbuf_pool_init(mp, &mbp);
+    if (rte_mempool_populate_default(mp) < 0)
+        goto fail;
+    rte_mempool_obj_iter(mp, rte_pktmbuf_init, NULL);
+    return mp;
+fail:
+    rte_mempool_free(mp);
+    return NULL;
+}
+
+/* Every object lies within (first object) + (number) x (object size): what af_xdp registers. */
+static int kb_pool_is_packed(struct rte_mempool *mp)
+{
+    struct rte_mempool_memhdr *h = STAILQ_FIRST(&mp->mem_list);
+    size_t obj = rte_mempool_calc_obj_size(mp->elt_size, mp->flags, NULL);
+    return mp->nb_mem_chunks == 1 && h != NULL
+           && h->len < (size_t)mp->populated_size * obj + obj;
+}
+
 int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
 {
     if (S.started) {
@@ -336,9 +384,8 @@ int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
         goto fail_eal;
     }
     S.nb_mbufs = cfg->nb_mbufs ? cfg->nb_mbufs : 16383;
-    unsigned priv = RTE_ALIGN(sizeof(struct pbuf_custom), RTE_MBUF_PRIV_ALIGN);
-    S.pool = rte_pktmbuf_pool_create("kbloop_rx", S.nb_mbufs, 256, priv,
-                                     RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());
+    S.rx_reserve = S.nb_mbufs / KB_RX_RESERVE_DIV;
+    S.pool = kb_pool_create(S.nb_mbufs);
     if (S.pool == NULL) {
         snprintf(errbuf, errlen, "mbuf pool of %u: %s (give the EAL more memory with -m)",
                  S.nb_mbufs, rte_strerror(rte_errno));
@@ -355,7 +402,17 @@ int kb_dpdk_start(const kb_dpdk_config *cfg, char *errbuf, size_t errlen)
      * turns it off. */
     struct rte_eth_dev_info info;
     const char *zc_env = getenv("KBLOOP_DPDK_ZC_TX");
-    S.zc_tx = rte_eth_dev_info_get(S.port, &info) == 0
+    int have_info = rte_eth_dev_info_get(S.port, &info) == 0;
+    if (have_info && info.driver_name && strcmp(info.driver_name, "net_af_xdp") == 0
+        && !kb_pool_is_packed(S.pool)) {
+        snprintf(errbuf, errlen, "the af_xdp device needs its mbuf pool in one packed memory "
+                 "area (IOVA-as-VA mode), and this one is not: frames in mbufs outside the "
+                 "area it registers would be dropped by the kernel");
+        rte_mempool_free(S.pool);
+        S.pool = NULL;
+        goto fail_eal;
+    }
+    S.zc_tx = have_info
               && (info.tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS)
               && rte_eal_iova_mode() == RTE_IOVA_VA
               && !(zc_env && zc_env[0] == '0');
@@ -431,10 +488,34 @@ void kb_dpdk_stop(void)
 const uint8_t *kb_dpdk_mac(void) { return S.mac.addr_bytes; }
 const char *kb_dpdk_runtime_dir(void) { return S.runtime_dir; }
 
-static void kb_input(struct rte_mbuf *m)
+/* A frame lwIP keeps (data not read yet, out-of-order segments, lent Buffers) keeps its mbuf,
+ * and the device refills its receive ring from the same pool.  Connections whose readers are
+ * slow or paused could take the whole pool and leave none for the frames that carry the
+ * acknowledgements and data everything else waits for: the stack would stop for every
+ * connection.  So once fewer than this reserve are free, received frames are copied into
+ * heap pbufs and their mbufs go back at once (lwIP's windows still bound what it holds). */
+static struct pbuf *kb_mbuf_copy_to_pbuf(struct rte_mbuf *m)
+{
+    uint16_t len = rte_pktmbuf_data_len(m);
+    struct pbuf *p = pbuf_alloc(PBUF_RAW, len, PBUF_RAM);
+    if (p != NULL) {
+        pbuf_take(p, rte_pktmbuf_mtod(m, void *), len);
+        S.st.rx_copied++;
+    }
+    rte_pktmbuf_free(m);
+    return p;
+}
+
+static void kb_input(struct rte_mbuf *m, int copy)
 {
     if (m->nb_segs != 1) {   /* jumbo chains: not configured, so not expected */
         rte_pktmbuf_free(m);
+        return;
+    }
+    if (copy) {
+        struct pbuf *c = kb_mbuf_copy_to_pbuf(m);
+        if (c != NULL && S.netif.input(c, &S.netif) != ERR_OK)
+            pbuf_free(c);
         return;
     }
     struct pbuf *p = kb_mbuf_to_pbuf(m);
@@ -450,7 +531,7 @@ int kb_dpdk_poll(void)
     if (faults) {   /* held frames whose delay is over go first, in order */
         uint64_t now = now_ns();
         while ((m = fault_release(&S.faults.rx, now)) != NULL)
-            kb_input(m);
+            kb_input(m, rte_mempool_avail_count(S.pool) < S.rx_reserve);
         while ((m = fault_release(&S.faults.tx, now)) != NULL) {
             S.txq[S.ntx++] = m;
             if (S.ntx == KB_TXQ)
@@ -458,11 +539,12 @@ int kb_dpdk_poll(void)
         }
     }
     uint16_t n = rte_eth_rx_burst(S.port, 0, rx, KB_BURST);
+    int copy = n && rte_mempool_avail_count(S.pool) < S.rx_reserve;
     for (uint16_t i = 0; i < n; i++) {
         S.st.rx_bytes += rte_pktmbuf_pkt_len(rx[i]);
         if (faults && (S.faults.dirs & 1) && !fault_filter(&S.faults.rx, rx[i]))
             continue;
-        kb_input(rx[i]);
+        kb_input(rx[i], copy);
     }
     S.st.rx_packets += n;
     /* lwIP's timers tick every 10 ms (TCP_TMR_INTERVAL): looking at the clock on one idle poll
@@ -878,6 +960,7 @@ void kb_dpdk_get_stats(kb_dpdk_stats *st)
     }
     *st = S.st;
     st->mbufs_total = S.nb_mbufs;
+    st->mbufs_reserve = S.rx_reserve;
     st->mbufs_in_use = S.pool ? S.nb_mbufs - rte_mempool_avail_count(S.pool) : 0;
     st->conns_live = S.conns_live;
     st->fault_held = S.faults.rx.count + S.faults.tx.count;

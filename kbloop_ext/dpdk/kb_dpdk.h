@@ -73,6 +73,10 @@ typedef struct kb_dpdk_stats {
     /* lwIP's sender recovering from loss (our patches count them): fast retransmits, NewReno
      * partial ACKs (a further hole resent at once), retransmission timeouts */
     uint64_t tcp_fast_rexmits, tcp_partial_acks, tcp_rto_rexmits;
+    /* frames received while fewer than mbufs_reserve mbufs were free: copied to the heap,
+     * their mbufs freed at once (kb_input) */
+    uint64_t rx_copied;
+    uint32_t mbufs_reserve;
 } kb_dpdk_stats;
 
 /* Returns 0, or -1 with a message in errbuf. */

@@ -56,6 +56,8 @@ cdef extern from "kb_dpdk.h" nogil:
         uint32_t tx_zc_inflight
         int zc_tx
         uint64_t tcp_fast_rexmits, tcp_partial_acks, tcp_rto_rexmits
+        uint64_t rx_copied
+        uint32_t mbufs_reserve
 
     enum:
         KB_EV_ACCEPT, KB_EV_CONNECTED, KB_EV_RECV, KB_EV_EOF, KB_EV_SENT, KB_EV_ERROR
