@@ -203,11 +203,12 @@ def test_smoke_mode_runs_every_core_program(smoke_run):
             (x,) = runs
             assert x["ok"] and x["n"] == bench.smoke_n, (bench.name, loop, x)
             assert x["loop_class"].startswith(core.CORE_LOOPS[loop][0]), x
-            assert set(x["ns"]) == set(bench.metrics) and all(v > 0 for v in x["ns"].values()), x
+            for key in ("ns", "cpu_ns"):   # wall clock and CPU per operation
+                assert set(x[key]) == set(bench.metrics) and all(v > 0 for v in x[key].values()), x
     assert [r["metric"] for r in core_data["summary"]] == [m for _, m in core.metrics()]
-    assert core_data["target"][0] in ("met", "MISSED")
+    assert {t[0] for t in core_data["targets"].values()} <= {"met", "MISSED"}
     md = next(out.glob("core-smoke-*.md")).read_text()
-    assert "| benchmark | asyncio ns | uvloop ns | kbloop ns | kbloop/uvloop |" in md
+    assert md.count("| benchmark | asyncio ns | uvloop ns | kbloop ns | kbloop/uvloop |") == 2
 
 
 def test_core_report_ratios_and_target():
@@ -216,7 +217,7 @@ def test_core_report_ratios_and_target():
 
     def sample(loop, rnd, ns):
         return {"bench": "call_soon", "loop": loop, "round": rnd, "warmup": False, "ok": True,
-                "ns": {"call_soon chain": ns}}
+                "ns": {"call_soon chain": ns}, "cpu_ns": {"call_soon chain": ns / 2}}
 
     samples = [sample("uvloop", 0, 100.0), sample("uvloop", 1, 120.0), sample("uvloop", 2, 200.0),
                sample("kbloop", 0, 90.0), sample("kbloop", 1, 70.0), sample("kbloop", 2, 96.0),
@@ -226,15 +227,19 @@ def test_core_report_ratios_and_target():
     kb = row["loops"]["kbloop"]
     assert (kb["min"], kb["median"], kb["n"]) == (70.0, 90.0, 3)
     assert kb["min_vs_uvloop"] == 0.7 and kb["median_vs_uvloop"] == 0.75
+    assert (kb["cpu_min"], kb["cpu_median"]) == (35.0, 45.0) and kb["cpu_min_vs_uvloop"] == 0.7
     verdict, details = core.check_target([row])
     assert verdict == "met" and "1 of 1" in details[0]
     assert "| **0.70x / 0.75x** |" in core.table([row], ["uvloop", "kbloop"], markdown=True)
     assert "70 / 90" in core.table([row], ["kbloop", "uvloop"])
+    assert "35 / 45" in core.table([row], ["kbloop", "uvloop"], clock="cpu_")
 
     samples = [{**x, "ns": {"call_soon chain": x["ns"]["call_soon chain"] * 1.2}}
                if x["loop"] == "kbloop" and x["ok"] else x for x in samples]   # 0.84x
-    verdict, details = core.check_target(core.summarize(samples, ["uvloop", "kbloop"]))
+    targets = core.check_targets(core.summarize(samples, ["uvloop", "kbloop"]))
+    verdict, details = targets[""]
     assert verdict == "MISSED" and "call_soon chain: 0.84x uvloop" in details[1]
+    assert targets["cpu_"][0] == "met"      # the CPU figures did not change
     assert core.check_target(core.summarize(samples, ["kbloop"]))[0] == "not measured"
 
 
