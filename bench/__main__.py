@@ -57,7 +57,8 @@ def parse_args(argv=None):
                            "call_soon_threadsafe): ns per operation, about 4 minutes; writes "
                            "bench/results/CORE.md")
     p.add_argument("--loops", help="comma-separated, from: " + ", ".join(LOOPS)
-                                   + " (default: the mode's; --smoke: all)")
+                                   + " (default: the mode's; --smoke: all; --core: any of "
+                                   + ", ".join(core.CORE_LOOPS) + ")")
     p.add_argument("--rounds", type=int, help="measured rounds (mode default)")
     p.add_argument("--warmup-rounds", type=int, help="discarded rounds first (mode default)")
     p.add_argument("--seconds", type=float,
