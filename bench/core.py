@@ -303,13 +303,14 @@ def child(bench, loop_name, n):
     return {"loop_class": cls, "n": n, "wall_s": wall, "cpu_s": cpu,
             # CPU used meanwhile by other processes (runner.noisy judges it).
             "other_cpu_s": max(0.0, busy1 - busy0 - cpu),
-            "ns": {metric: wall / n for metric, (wall, _) in totals.items()},
-            "cpu_ns": {metric: cpu / n for metric, (_, cpu) in totals.items()}}
+            "ns": {metric: w / n for metric, (w, _) in totals.items()},
+            "cpu_ns": {metric: c / n for metric, (_, c) in totals.items()}}
 
 
 def measure(bench, loop, n):
     """One measurement in a fresh process: the child's result, or a failure."""
-    argv = [sys.executable, "-m", "bench.core", "--child", bench.name, "--loop", loop, "--n", str(n)]
+    argv = [sys.executable, "-m", "bench.core", "--child", bench.name, "--loop", loop,
+            "--n", str(n)]
     env = {**loop_env(loop), "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -198,7 +198,8 @@ def test_smoke_mode_runs_every_core_program(smoke_run):
     assert set(loops) == {loop for loop in data["meta"]["loops"] if loop in core.CORE_LOOPS}
     for bench in core.BENCHES:
         for loop in loops:
-            runs = [x for x in core_data["samples"] if x["bench"] == bench.name and x["loop"] == loop]
+            runs = [x for x in core_data["samples"]
+                    if x["bench"] == bench.name and x["loop"] == loop]
             assert len(runs) == 1, (bench.name, loop)
             (x,) = runs
             assert x["ok"] and x["n"] == bench.smoke_n, (bench.name, loop, x)
