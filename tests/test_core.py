@@ -414,6 +414,103 @@ def test_call_soon_threadsafe_coalesces_wakeups_while_the_loop_is_busy():
         loop.close()
 
 
+def test_io_completes_while_callbacks_are_always_ready(run):
+    # A task that never lets the ready queue empty (sleep(0) in a loop): the loop polls for I/O
+    # without blocking each iteration (kbloop: without a syscall when the kernel flags nothing
+    # pending), and must still see every completion: a connection, data both ways, EOF, and a
+    # thread's call_soon_threadsafe.  A poll that never looked would spin until the timeout.
+    async def main():
+        loop = asyncio.get_running_loop()
+        stop = False
+
+        async def spin():
+            n = 0
+            while not stop:
+                n += 1
+                await asyncio.sleep(0)
+            return n
+
+        spinner = asyncio.ensure_future(spin())
+        await asyncio.sleep(0)
+
+        async def echo(r, w):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        payload = bytes(range(256)) * 4096
+        w.write(payload)
+        w.write_eof()
+        echoed = await r.read()
+        w.close()
+        from_thread = loop.create_future()
+        threading.Thread(target=lambda: loop.call_soon_threadsafe(
+            from_thread.set_result, "woken")).start()
+        woken = await from_thread
+        stop = True
+        spins = await spinner
+        server.close()
+        await server.wait_closed()
+        return echoed == payload, woken, spins > 0
+
+    assert run(main, timeout=30) == (True, "woken", True)
+
+
+def test_create_task_and_future_as_asyncio(loop_factory):
+    # create_task/create_future/get_debug are kbloop's own (speed): the same objects, names,
+    # contexts, factory protocol and closed-loop error as BaseEventLoop's.
+    var = contextvars.ContextVar("v", default="unset")
+    seen = []
+
+    async def coro(tag):
+        seen.append((tag, var.get()))
+        return tag
+
+    loop = loop_factory()
+    try:
+        fut = loop.create_future()
+        assert type(fut) is asyncio.Future and fut.get_loop() is loop
+        assert loop.get_debug() is False
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "in ctx")
+        t1 = loop.create_task(coro("a"), name="first", context=ctx)
+        t2 = loop.create_task(coro("b"))
+        assert type(t1) is asyncio.Task and t1.get_name() == "first"
+        assert t2.get_name().startswith("Task-")
+        assert loop.run_until_complete(asyncio.gather(t1, t2)) == ["a", "b"]
+        assert seen == [("a", "in ctx"), ("b", "unset")]
+
+        made = []
+
+        def factory(loop_, c, **kwargs):
+            made.append(kwargs)
+            return asyncio.Task(c, loop=loop_, **kwargs)
+
+        loop.set_task_factory(factory)
+        t3 = loop.create_task(coro("c"), name="third")
+        assert loop.run_until_complete(t3) == "c" and t3.get_name() == "third"
+        assert made and loop.get_task_factory() is factory
+        loop.set_task_factory(None)
+
+        loop.set_debug(True)
+        assert loop.get_debug() is True
+        t4 = loop.create_task(coro("d"))
+        assert t4._source_traceback and \
+            t4._source_traceback[-1].name == "test_create_task_and_future_as_asyncio"
+        loop.run_until_complete(t4)
+        loop.set_debug(False)
+    finally:
+        loop.close()
+    c = coro("e")
+    with pytest.raises(RuntimeError, match="Event loop is closed"):
+        loop.create_task(c)
+    c.close()
+
+
 def test_call_soon_threadsafe_returns_handle(run):
     async def main():
         loop = asyncio.get_running_loop()

@@ -13,6 +13,8 @@ cdef double URING_PEEK_INTERVAL = 50e-6   # with a stack: how often the io_uring
 _CREATE_CONNECTION_HAS_ALL_ERRORS = sys.version_info >= (3, 12)
 _UNIX_CLEANUP_SOCKET = sys.version_info >= (3, 13)    # create_unix_server(cleanup_socket=)
 _NOT_GIVEN = object()
+_Future = futures.Future      # asyncio's C implementations (_asyncio), as asyncio uses them
+_Task = tasks.Task
 # Set in each kbloop worker process (kbloop.workers): unmodified servers share their port.
 _WORKER_REUSE_PORT = os.environ.get('KBLOOP_REUSE_PORT') == '1'
 
@@ -201,6 +203,24 @@ cdef class _CoreLoop:
         self._ready.append(handle)
         self._dp.wakeup()
         return handle
+
+    # Futures and tasks: asyncio's C Future and Task, made here rather than through
+    # BaseEventLoop's Python methods (gather() and every Future/Task construction call these).
+    def get_debug(self):
+        return self._debug
+
+    def create_future(self):
+        return _Future(loop=self)
+
+    def create_task(self, coro, *, name=None, context=None):
+        if self._task_factory is not None:
+            # A custom factory: BaseEventLoop's own code, as the running Python has it.
+            return base_events.BaseEventLoop.create_task(self, coro, name=name, context=context)
+        if self._closed:
+            raise RuntimeError('Event loop is closed')
+        # (No frame of ours to drop from a debug-mode _source_traceback: a Cython method has
+        # none, so its last entry is already the caller, as asyncio's is after its del.)
+        return _Task(coro, loop=self, name=name, context=context)
 
     def _write_to_self(self):
         self._dp.wakeup()

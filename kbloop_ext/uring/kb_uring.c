@@ -51,6 +51,8 @@ int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int mode, in
     static const unsigned sleeping[] = {
         /* R_DISABLED: the single issuer is whichever thread first runs the loop (asyncio lets
          * a loop be created in one thread and run in another); kb_ring_enable() binds it. */
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG |
+            IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED,
         IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
             IORING_SETUP_R_DISABLED,
         IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL,
@@ -61,8 +63,8 @@ int kb_ring_open(kb_ring *r, unsigned entries, unsigned cq_entries, int mode, in
      * no DEFER_TASKRUN and no COOP_TASKRUN. */
     static const unsigned spinning[] = { IORING_SETUP_SUBMIT_ALL, 0 };
     const unsigned *attempts = mode >= KB_MODE_BUSY ? spinning : sleeping;
-    size_t n = mode >= KB_MODE_BUSY ? 2 : 4;
-    size_t first = mode == KB_MODE_NO_SINGLE_ISSUER ? 1 : 0;
+    size_t n = mode >= KB_MODE_BUSY ? 2 : 5;
+    size_t first = mode == KB_MODE_NO_SINGLE_ISSUER ? 2 : 0;
     int ret = -EINVAL;
     memset(r, 0, sizeof(*r));
     if (forced_failure) {
@@ -228,6 +230,12 @@ int kb_submit_and_wait(kb_ring *r, int64_t timeout_ns) {
         /* Plain rings post completions without our help; deferred/cooperative ones only when
          * we enter the kernel. */
         if (!queued && !(r->setup_flags & (IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)))
+            return 0;
+        /* With TASKRUN_FLAG the kernel flags the SQ ring when completions wait for us to enter
+         * (and when the CQ overflowed): a look that finds neither has nothing to fetch, and a
+         * loop with callbacks ready makes no syscall per iteration. */
+        if (!queued && (r->setup_flags & IORING_SETUP_TASKRUN_FLAG) &&
+                !(IO_URING_READ_ONCE(*r->ring.sq.kflags) & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)))
             return 0;
         ret = io_uring_submit_and_get_events(&r->ring);
         return ret < 0 ? ret : 1;
