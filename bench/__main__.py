@@ -6,7 +6,8 @@ CPU 0, against compiled load generators pinned to CPU 1 (bench/echo_load.c,
 wrk, redis-benchmark), loops interleaved round by round.  Prints a table of
 medians and writes all samples (JSON), plots (PNG) and a markdown report to
 bench/results/.  --modes compares kbloop's reactor modes (default, busy-poll,
-SQPOLL) with uvloop instead.  Method: bench/README.md.
+SQPOLL) with uvloop instead; --core measures the loop core without I/O
+(bench/core.py).  Method: bench/README.md.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from . import report, runner
+from . import core, report, runner
 from .runner import (LOOPS, REPO, RESULTS, TOOLS, available, build_echo_load, link_of,
                      machine_info, measure, noisy, supports, wait_until_quiet)
 from .scenarios import MODES, OPEN_LOAD_FRACTION
@@ -51,11 +52,17 @@ def parse_args(argv=None):
     mode.add_argument("--modes", dest="mode", action="store_const", const="modes",
                       help="kbloop's reactor modes vs uvloop: c1 latency, c32 throughput, CPU "
                            "per request, about 7 minutes; writes bench/results/MODES.md")
+    mode.add_argument("--core", dest="mode", action="store_const", const="core",
+                      help="the loop core without I/O (callbacks, tasks, queues, timers, "
+                           "call_soon_threadsafe): ns per operation, about 4 minutes; writes "
+                           "bench/results/CORE.md")
     p.add_argument("--loops", help="comma-separated, from: " + ", ".join(LOOPS)
-                                   + " (default: the mode's; --smoke: all)")
+                                   + " (default: the mode's; --smoke: all; --core: any of "
+                                   + ", ".join(core.CORE_LOOPS) + ")")
     p.add_argument("--rounds", type=int, help="measured rounds (mode default)")
     p.add_argument("--warmup-rounds", type=int, help="discarded rounds first (mode default)")
-    p.add_argument("--seconds", type=float, help="measured seconds per run (mode default)")
+    p.add_argument("--seconds", type=float,
+                   help="measured seconds per run (mode default; --core: fixed operation counts)")
     p.add_argument("--noisy-retries", type=int, metavar="N",
                    help="repeat a run up to N times, once the machine is quiet again, when other "
                         "processes used >10%% of a CPU during it (mode default; --modes: 3)")
@@ -83,6 +90,10 @@ def parse_args(argv=None):
     for loop in args.loops.split(","):
         if loop not in LOOPS:
             p.error(f"unknown loop {loop!r}; choose from {', '.join(LOOPS)}")
+        if args.mode == "core" and loop not in core.CORE_LOOPS:
+            p.error(f"--core runs on {', '.join(core.CORE_LOOPS)}, not {loop}")
+    if args.mode == "core" and args.profile:
+        p.error("--profile profiles a server scenario; --core has none")
     return args
 
 
@@ -218,7 +229,7 @@ def veth_link(loops):
 
 
 # The modes whose complete runs also write a fixed-name copy of their report.
-LATEST = {"full": "LATEST.md", "modes": "MODES.md", "dpdk": "DPDK.md"}
+LATEST = {"full": "LATEST.md", "modes": "MODES.md", "dpdk": "DPDK.md", "core": "CORE.md"}
 
 
 def write_reports(rows, meta, stem, plots=True, latest=None):
@@ -264,20 +275,40 @@ def main(argv=None):
         # Summaries are recomputed from the raw samples with the current code.
         data = json.loads(args.report.read_text())
         meta, samples = data["meta"], data["samples"]
+        stem = args.report.resolve().with_suffix("")
+        if meta["mode"] in ("core", "core-smoke"):
+            latest = LATEST["core"] if stem.parent == RESULTS and meta["mode"] == "core" else None
+            return core.write_reports(data, stem, latest)
         names = {x["scenario"] for x in samples}
         scenarios = [s for s in MODES[meta["mode"]]["scenarios"]() if s.name in names]
         rows = report.summarize(samples, meta["loops"], scenarios)
-        stem = args.report.resolve().with_suffix("")
         data["summary"], data["targets"] = rows, report.check_targets(rows)
         args.report.write_text(json.dumps(data, indent=1))
         return write_reports(rows, meta, stem, plots=not args.no_plots,
                              latest=LATEST.get(meta["mode"]) if stem.parent == RESULTS else None)
+    command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     loops = usable_loops(args.loops)
+    if args.mode == "core":
+        if not loops:
+            sys.exit("nothing to run")
+        _, _, failed = core.run(loops, args.rounds, args.warmup_rounds, args.noisy_retries,
+                                args.out_dir, command, only=args.only,
+                                latest=None if args.only else LATEST["core"], progress=progress)
+        sys.exit(1 if failed else 0)
     scenarios = usable_scenarios(args.scenarios)
     if len(os.sched_getaffinity(0)) < 2:
         print("note: fewer than 2 CPUs; server and load generator are not pinned", file=sys.stderr)
-    if not loops or not scenarios:
+    # --smoke also runs each --core program once, tiny (core-smoke-DATE.json beside smoke-*).
+    core_smoke = args.mode == "smoke" and (not args.only or core.selected(args.only))
+    if not loops or not (scenarios or core_smoke):
         sys.exit("nothing to run")
+    core_failed = []
+    if core_smoke:
+        _, _, core_failed = core.run([x for x in loops if x in core.CORE_LOOPS], 1, 0, 0,
+                                     args.out_dir, command, smoke=True, only=args.only,
+                                     progress=progress)
+        if not scenarios:
+            sys.exit(1 if core_failed else 0)
     build_echo_load()
     if args.profile:
         with veth_link(loops):
@@ -309,7 +340,7 @@ def main(argv=None):
 
     now = datetime.datetime.now()
     meta = {"mode": args.mode, "date": now.isoformat(timespec="seconds"),
-            "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": command,
             "rounds": args.rounds, "warmup_rounds": args.warmup_rounds, "seconds": args.seconds,
             "noisy_retries": args.noisy_retries,
             "warmup_s": args.warmup_s, "open_load_fraction": OPEN_LOAD_FRACTION,
@@ -322,7 +353,7 @@ def main(argv=None):
         {"meta": meta, "summary": rows, "samples": samples, "targets": targets}, indent=1))
     write_reports(rows, meta, stem, plots=not args.no_plots,
                   latest=None if args.only else LATEST.get(args.mode))
-    if broken or failed:
+    if broken or failed or core_failed:
         sys.exit(1)
 
 

@@ -1,4 +1,5 @@
-"""The scenarios of each mode (--smoke, --quick, --full, --modes)."""
+"""The scenarios of each mode (--smoke, --quick, --full, --modes, --dpdk; --core has
+no servers: bench/core.py)."""
 
 from dataclasses import dataclass
 
@@ -96,6 +97,9 @@ def dpdk():
 
 
 BASE_LOOPS = ["asyncio", "uvloop", "kbloop"]
+# --core (bench/core.py): the loop core without I/O; busy-poll too, as it changes how the loop
+# waits (the call_soon_threadsafe wake-up).
+CORE_LOOPS = ["asyncio", "uvloop", "kbloop", "kbloop-busy"]
 
 # mode: scenarios, default loops, measured rounds, seconds per run, per-run warm-up
 # seconds, warm-up rounds, repeats of a run disturbed by other processes.  --smoke also runs the reactor-mode loops, so the smoke
@@ -112,4 +116,7 @@ MODES = {
                   warmup_rounds=1, noisy_retries=3),
     "dpdk": dict(scenarios=dpdk, loops=DPDK_LOOPS, rounds=3, seconds=2.0, warmup_s=0.5,
                  warmup_rounds=1, noisy_retries=2),
+    # No servers: bench/core.py's programs, with their own operation counts (no --seconds).
+    "core": dict(scenarios=list, loops=CORE_LOOPS, rounds=5, seconds=0, warmup_s=0,
+                 warmup_rounds=1, noisy_retries=0),
 }

@@ -184,6 +184,66 @@ def test_smoke_mode_runs_every_scenario_without_errors(smoke_run, kind):
                 assert len(x["tests"]) == 5 and x["requests"] == 5 * sc.requests, x
 
 
+def test_smoke_mode_runs_every_core_program(smoke_run):
+    """--smoke also runs each --core program (bench/core.py) once per loop, tiny: each in its
+    own process on the intended loop, every row of the table measured."""
+    from bench import core
+
+    proc, data, out = smoke_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = out.glob("core-smoke-*.json")
+    core_data = json.loads(path.read_text())
+    loops = core_data["meta"]["loops"]
+    assert {"asyncio", "uvloop", "kbloop"} <= set(loops) <= set(core.CORE_LOOPS)
+    assert set(loops) == {loop for loop in data["meta"]["loops"] if loop in core.CORE_LOOPS}
+    for bench in core.BENCHES:
+        for loop in loops:
+            runs = [x for x in core_data["samples"]
+                    if x["bench"] == bench.name and x["loop"] == loop]
+            assert len(runs) == 1, (bench.name, loop)
+            (x,) = runs
+            assert x["ok"] and x["n"] == bench.smoke_n, (bench.name, loop, x)
+            assert x["loop_class"].startswith(core.CORE_LOOPS[loop][0]), x
+            for key in ("ns", "cpu_ns"):   # wall clock and CPU per operation
+                assert set(x[key]) == set(bench.metrics) and all(v > 0 for v in x[key].values()), x
+    assert [r["metric"] for r in core_data["summary"]] == [m for _, m in core.metrics()]
+    assert {t[0] for t in core_data["targets"].values()} <= {"met", "MISSED"}
+    md = next(out.glob("core-smoke-*.md")).read_text()
+    assert md.count("| benchmark | asyncio ns | uvloop ns | kbloop ns | kbloop/uvloop |") == 2
+
+
+def test_core_report_ratios_and_target():
+    """--core: min and median ns per operation, ratios to uvloop, the <= 0.8x target."""
+    from bench import core
+
+    def sample(loop, rnd, ns):
+        return {"bench": "call_soon", "loop": loop, "round": rnd, "warmup": False, "ok": True,
+                "ns": {"call_soon chain": ns}, "cpu_ns": {"call_soon chain": ns / 2}}
+
+    samples = [sample("uvloop", 0, 100.0), sample("uvloop", 1, 120.0), sample("uvloop", 2, 200.0),
+               sample("kbloop", 0, 90.0), sample("kbloop", 1, 70.0), sample("kbloop", 2, 96.0),
+               {**sample("kbloop", 3, 1.0), "warmup": True},          # discarded
+               {"bench": "call_soon", "loop": "kbloop", "round": 4, "warmup": False, "ok": False}]
+    (row,) = core.summarize(samples, ["uvloop", "kbloop"])
+    kb = row["loops"]["kbloop"]
+    assert (kb["min"], kb["median"], kb["n"]) == (70.0, 90.0, 3)
+    assert kb["min_vs_uvloop"] == 0.7 and kb["median_vs_uvloop"] == 0.75
+    assert (kb["cpu_min"], kb["cpu_median"]) == (35.0, 45.0) and kb["cpu_min_vs_uvloop"] == 0.7
+    verdict, details = core.check_target([row])
+    assert verdict == "met" and "1 of 1" in details[0]
+    assert "| **0.70x / 0.75x** |" in core.table([row], ["uvloop", "kbloop"], markdown=True)
+    assert "70 / 90" in core.table([row], ["kbloop", "uvloop"])
+    assert "35 / 45" in core.table([row], ["kbloop", "uvloop"], clock="cpu_")
+
+    samples = [{**x, "ns": {"call_soon chain": x["ns"]["call_soon chain"] * 1.2}}
+               if x["loop"] == "kbloop" and x["ok"] else x for x in samples]   # 0.84x
+    targets = core.check_targets(core.summarize(samples, ["uvloop", "kbloop"]))
+    verdict, details = targets[""]
+    assert verdict == "MISSED" and "call_soon chain: 0.84x uvloop" in details[1]
+    assert targets["cpu_"][0] == "met"      # the CPU figures did not change
+    assert core.check_target(core.summarize(samples, ["kbloop"]))[0] == "not measured"
+
+
 def test_modes_report_checks_busy_poll_target():
     """--modes reports ratios to uvloop and the busy-poll p50 <= 0.8x uvloop target."""
     from bench import report
