@@ -132,7 +132,9 @@ cdef class TLSProtocol:
 
     cdef _set_app_protocol(self, app_protocol):
         self._app_protocol = app_protocol
-        self._app_is_buffer = isinstance(app_protocol, protocols.BufferedProtocol)
+        # TLS over TLS (start_tls on a TLS transport): the inner layer reads as a buffer
+        self._app_is_buffer = (isinstance(app_protocol, protocols.BufferedProtocol)
+                               or isinstance(app_protocol, TLSProtocol))
         if self._app_is_buffer:
             self._app_get_buffer = app_protocol.get_buffer
             self._app_buffer_updated = app_protocol.buffer_updated
@@ -176,7 +178,9 @@ cdef class TLSProtocol:
         self._app_transport = None
         self._wakeup_waiter(exc)
         self._cancel_timers()
-        # drop the app protocol only after its connection_lost has run (it is scheduled)
+        # no reference cycle app protocol -> app transport -> us -> app protocol (asyncio's
+        # test_create_connection_memory_leak: the context must go by refcounting alone)
+        self._app_protocol = None
         self._app_get_buffer = self._app_buffer_updated = self._app_data_received = None
 
     cdef _cancel_timers(self):
@@ -360,6 +364,10 @@ cdef class TLSProtocol:
         if shutdown_exc is not None:
             self._fatal_error(shutdown_exc, 'Error occurred during shutdown')
         else:
+            # whatever waits in the BIO (the app's last data, our close_notify) goes to the
+            # lower transport now, paused or not: its close() sends all it holds
+            self._ssl_writing_paused = False
+            self._process_outgoing()
             self._loop.call_soon(self._close_lower)
 
     def _close_lower(self):
@@ -509,12 +517,10 @@ cdef class TLSProtocol:
             self._call_eof_received()
             self._start_shutdown()
         elif drained and self._eof_received and self._state == WRAPPED:
-            # the peer closed TCP without a close_notify, and everything before is delivered
+            # the peer closed TCP without a close_notify, and everything before is delivered:
+            # flush what the app wrote, send our close_notify, do not wait for theirs
             self._call_eof_received()
-            self._state = SHUTDOWN
-            if self._app_transport is not None:
-                self._app_transport._closed = True
-            self._on_shutdown_complete(None)
+            self._start_shutdown()
 
     cdef _read_into_void(self):
         """FLUSHING/SHUTDOWN: the app closed; discard what comes, up to a close_notify."""
@@ -673,6 +679,11 @@ cdef class TLSProtocol:
     def _set_protocol(self, protocol):
         self._set_app_protocol(protocol)
 
+    def _test__append_write_backlog(self, data):
+        # asyncio's test hook (test_asyncio/test_ssl.py fills the backlog with it)
+        self._write_backlog.append(data)
+        self._write_buffer_size += len(data)
+
     def _get_protocol(self):
         return self._app_protocol
 
@@ -769,6 +780,9 @@ class TLSTransport(transports._FlowControlMixin, transports.Transport):
     def _force_close(self, exc):
         self._closed = True
         self._ssl_protocol._app_abort(exc)
+
+    def _test__append_write_backlog(self, data):
+        self._ssl_protocol._test__append_write_backlog(data)
 
 
 cdef str _tls_impl():
