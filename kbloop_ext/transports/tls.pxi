@@ -336,11 +336,8 @@ cdef class TLSProtocol:
             if not self._close_notify:
                 self._read_into_void()
             if self._eof_received and not self._close_notify:
-                # the peer is gone without a close_notify: send ours, do not wait for theirs
-                try:
-                    self._sslobj.unwrap()
-                except SSLAgainErrors:
-                    pass
+                # the peer half-closed TCP without a close_notify: as asyncio, send no
+                # close_notify back (it may only read its FIN) and wait for none
                 self._process_outgoing()
                 self._on_shutdown_complete(None)
                 return
