@@ -1,9 +1,16 @@
-"""Build kbloop: the Cython core (kbloop_ext.core) linked against liburing, and, where DPDK
-and lwIP's source are present, the DPDK datapath's device layer (kbloop_ext.dpdk.stack).
+"""Build kbloop: the Cython core (kbloop_ext.core) linked against liburing; where DPDK and
+lwIP's source are present, the DPDK datapath's device layer (kbloop_ext.dpdk.stack); where
+libibverbs and librdmacm are, the RDMA one (kbloop_ext.rdma.verbs).  The metadata and the
+build requirements are in pyproject.toml, the version in kbloop/__init__.py only.
 
+liburing is linked statically when its archive is there (Debian's liburing-dev ships it), so
+that the core, like uvloop with libuv, needs no shared library at run time:
+KBLOOP_URING_STATIC=0 links the shared one, =1 makes the archive's absence an error.
 KBLOOP_DPDK=0 skips the DPDK part, KBLOOP_DPDK=1 makes its absence an error; by default it is
 built when `pkg-config libdpdk` works and lwIP's source is in .deps/lwip (scripts/setup.sh
-fetches Debian's) or in KBLOOP_LWIP_SRC.
+fetches Debian's) or in KBLOOP_LWIP_SRC.  KBLOOP_RDMA likewise for the RDMA layer (built by
+default when libibverbs-dev and librdmacm-dev are installed).  scripts/wheels.sh builds with
+KBLOOP_DPDK=0 KBLOOP_RDMA=0: a wheel of the io_uring core only (docs/install.md).
 """
 import glob
 import os
@@ -12,11 +19,10 @@ import subprocess
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
 
 if not sys.platform.startswith('linux'):
     raise SystemExit('kbloop runs on Linux only (it needs io_uring).')
-
-from Cython.Build import cythonize  # noqa: E402  (after the platform check)
 
 SANITIZE = os.environ.get('KBLOOP_SANITIZE')   # e.g. "address" for an ASan build
 extra_compile = ['-O2', '-g', '-Wno-unused-function', '-Wno-unreachable-code']
@@ -25,15 +31,31 @@ if SANITIZE:
     extra_compile += [f'-fsanitize={SANITIZE}', '-fno-omit-frame-pointer', '-O1']
     extra_link += [f'-fsanitize={SANITIZE}']
 
-core = Extension(
-    'kbloop_ext.core',
-    sources=['kbloop_ext/core.pyx', 'kbloop_ext/uring/kb_uring.c'],
-    include_dirs=['kbloop_ext/uring', 'kbloop_ext/dpdk'],
-    libraries=['uring'],
-    extra_compile_args=extra_compile,
-    extra_link_args=extra_link,
-)
+URING_MISSING = """kbloop: liburing.h not found. Building kbloop from source needs liburing:
+    Debian/Ubuntu: apt-get install liburing-dev
+    Fedora/RHEL:   dnf install liburing-devel
+(or install a kbloop wheel, which has liburing built in; see docs/install.md)"""
 
+
+def liburing():
+    """(include_dirs, libraries, extra_objects) for liburing, or a SystemExit saying what to
+    install."""
+    includes = [f[2:] for f in pkg_config('--cflags-only-I', 'liburing') or [] if f[:2] == '-I']
+    libdirs = [f[2:] for f in pkg_config('--libs-only-L', 'liburing') or [] if f[:2] == '-L']
+    libdirs += pkg_config('--variable=libdir', 'liburing') or []
+    if not any(os.path.exists(os.path.join(d, 'liburing.h'))
+               for d in includes + ['/usr/include', '/usr/local/include']):
+        raise SystemExit(URING_MISSING)
+    want = os.environ.get('KBLOOP_URING_STATIC', 'auto')
+    multiarch = f'/usr/lib/{os.uname().machine}-linux-gnu'
+    archive = next((a for a in (os.path.join(d, 'liburing.a') for d in libdirs + [
+        multiarch, '/usr/lib64', '/usr/lib', '/usr/local/lib', '/usr/local/lib64'])
+        if os.path.exists(a)), None)
+    if want != '0' and archive:
+        return includes, [], [archive]
+    if want == '1':
+        raise SystemExit('KBLOOP_URING_STATIC=1 but liburing.a was not found.\n' + URING_MISSING)
+    return includes, ['uring'], []
 
 
 def pkg_config(*args):
@@ -98,22 +120,35 @@ def rdma_extension():
     )
 
 
-extensions = [core]
-dpdk = dpdk_extension()
-if dpdk is not None:
-    extensions.append(dpdk)
-rdma = rdma_extension()
-if rdma is not None:
-    extensions.append(rdma)
+class build_ext(_build_ext):
+    """Chooses and cythonizes the extensions only when building: an sdist or the metadata
+    needs neither Cython's output nor liburing, DPDK or RDMA."""
+
+    def finalize_options(self):
+        try:
+            from Cython.Build import cythonize
+        except ImportError:
+            raise SystemExit('kbloop: building needs Cython 3 (pip install "cython>=3"; '
+                             'pip install . declares it in pyproject.toml)') from None
+        includes, libraries, objects = liburing()
+        core = Extension(
+            'kbloop_ext.core',
+            sources=['kbloop_ext/core.pyx', 'kbloop_ext/uring/kb_uring.c'],
+            include_dirs=['kbloop_ext/uring', 'kbloop_ext/dpdk'] + includes,
+            libraries=libraries,
+            extra_objects=objects,
+            extra_compile_args=extra_compile,
+            extra_link_args=extra_link,
+        )
+        extensions = [core] + [ext for ext in (dpdk_extension(), rdma_extension()) if ext]
+        self.distribution.ext_modules[:] = cythonize(
+            extensions, language_level=3, compiler_directives={'embedsignature': True},
+            include_path=['.'], quiet=True)
+        super().finalize_options()
+
 
 setup(
-    name='kbloop',
-    version='0.1.0',
-    description='A drop-in asyncio event loop on io_uring (and, later, DPDK and RDMA)',
-    packages=['kbloop', 'kbloop_ext', 'kbloop_ext.uring', 'kbloop_ext.dpdk', 'kbloop_ext.rdma'],
-    python_requires='>=3.11',
-    ext_modules=cythonize(extensions, language_level=3,
-                          compiler_directives={'embedsignature': True},
-                          include_path=['.']),
-    zip_safe=False,
+    # A stand-in until build_ext chooses the real ones: it makes the wheel platform-specific.
+    ext_modules=[Extension('kbloop_ext.core', sources=['kbloop_ext/core.pyx'])],
+    cmdclass={'build_ext': build_ext},
 )

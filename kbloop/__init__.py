@@ -27,7 +27,7 @@ from kbloop_ext.core import (BackendUnavailable, Buffer, BufferPool, Server, Soc
 __all__ = ['Loop', 'new_event_loop', 'run', 'serve', 'install', 'EventLoopPolicy',
            'BackendUnavailable', 'info', 'Server', 'SocketTransport', 'Buffer', 'BufferPool',
            'ZeroCopyProtocol', 'StackSocket', 'DpdkSocket', 'RdmaSocket', 'format_stats']
-__version__ = '0.1.0'
+__version__ = '0.1.0'     # the one place the version is written (pyproject.toml reads it)
 
 BACKENDS = ('io_uring', 'dpdk', 'rdma')
 

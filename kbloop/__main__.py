@@ -3,12 +3,17 @@
     python -m kbloop info [--json]
     python -m kbloop [--backend io_uring] script.py [args...]
     python -m kbloop [--backend io_uring] -m package.module [args...]
+    python -m kbloop -m uvicorn --port 8000 app:app   # uvicorn's --loop auto: kbloop
+    python -m kbloop --version
     python -m kbloop --workers N [--busy-poll] script.py [args...]   # one loop per core
     python -m kbloop --stats script.py     # each loop prints its counters when it closes
     python -m kbloop --backend dpdk --dpdk-vdev net_af_xdp0,iface=eth1 --ip 10.0.0.2/24 \
         server.py                          # TCP on a user-space stack (docs/dpdk.md)
     python -m kbloop --backend rdma [--rdma-poll sleep] server.py
                                            # streams over RDMA queue pairs (docs/rdma.md)
+
+kbloop's options go before the program: everything from the script or -m module on is the
+program's command line, passed on untouched.
 """
 import argparse
 import json
@@ -38,13 +43,34 @@ def _print_info(as_json):
     print(f"default backend: {data['default_backend']}")
 
 
+def _split_argv(parser, argv):
+    """(kbloop's options, the program's command line): the program's starts at the script or
+    at -m module (or after --), and is passed on untouched, its options included."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == '--':
+            return argv[:i], argv[i + 1:]
+        if not arg.startswith('-') or arg == '-' or (arg.startswith('-m') and arg != '-m'
+                                                      and not arg.startswith('--')):
+            return argv[:i], argv[i:]
+        if arg == '-m':
+            return argv[:i], argv[i:]
+        action = parser._option_string_actions.get(arg.partition('=')[0])
+        if action is not None and action.nargs != 0 and '=' not in arg:
+            i += 1      # the option's value
+        i += 1
+    return argv, []
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ['info']:
         _print_info('--json' in argv[1:])
         return 0
     parser = argparse.ArgumentParser(prog='python -m kbloop', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument('--backend', choices=kbloop.BACKENDS, default=None)
     parser.add_argument('--workers', type=int, default=None,
                         help='run N worker processes sharing the port (SO_REUSEPORT), each '
@@ -67,10 +93,24 @@ def main(argv=None):
     rdma.add_argument('--rdma-poll', choices=('busy', 'sleep'),
                       help='spin on the completion queues, or sleep until a completion '
                            '(KBLOOP_RDMA_POLL; busy by default)')
-    parser.add_argument('-m', dest='module', help='run a library module as a script')
-    parser.add_argument('script', nargs='?')
-    parser.add_argument('args', nargs=argparse.REMAINDER)
-    opts = parser.parse_args(argv)
+    parser.add_argument('--version', action='version',
+                        version=f'kbloop {kbloop.__version__} (Python {sys.version.split()[0]})')
+    parser.add_argument('-m', dest='module', metavar='module',
+                        help='run a library module as a script; what follows goes to it')
+    parser.add_argument('script', nargs='?',
+                        help='the program to run; everything after it goes to it, untouched')
+    own, program = _split_argv(parser, argv)
+    opts = parser.parse_args(own)
+    if program[:1] == ['-m']:
+        if len(program) < 2:
+            parser.error('argument -m: expected one argument')
+        opts.module, opts.args = program[1], program[2:]
+    elif program[:1] and program[0].startswith('-m'):
+        opts.module, opts.args = program[0][2:], program[1:]
+    elif program:
+        opts.script, opts.args = program[0], program[1:]
+    else:
+        opts.args = []
     if opts.module is None and opts.script is None:
         parser.error('give a script, -m module, or "info"')
     if opts.backend:
@@ -97,6 +137,9 @@ def main(argv=None):
     # asyncio.run()/new_event_loop() in the program now create kbloop loops.
     import asyncio
     asyncio.set_event_loop_policy(kbloop.EventLoopPolicy())
+    # uvicorn's --loop auto (its default) would pick uvloop, which sets no policy: kbloop's.
+    from kbloop._uvicorn import hook_uvicorn
+    hook_uvicorn()
     if opts.module is not None:
         rest = ([opts.script] if opts.script else []) + opts.args
         sys.argv = [opts.module] + rest

@@ -23,6 +23,13 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyContext_Enter,
+                                  PyContext_Exit)
+
+cdef extern from "Python.h":
+    ctypedef struct _kb_tstate "PyThreadState":
+        PyObject *context       # the current contextvars.Context (CPython 3.7+)
+    _kb_tstate *PyThreadState_Get()
 
 from kbloop_ext.uring.liburing cimport *
 

@@ -13,6 +13,13 @@
 #                 cancels the operation in the device
 #   fd watchers   the reader/writer Handle is scheduled (level-triggered, as asyncio's)
 #
+# Order (asyncio's): a poll's completions are dispatched after the callbacks that were already
+# on the ready queue when the poll started, and before the timers that became due.  When that
+# queue is empty the datapath dispatches inside poll(); otherwise the loop sets `defer` and
+# poll() keeps what it found (holding the operations and their buffers) until the loop, having
+# run those callbacks, calls dispatch_deferred().  Completions that come after the poll wait
+# for the next one.
+#
 # Buffer ownership: received bytes live in the datapath's registered pool and are lent to
 # _on_data only for the duration of the call (the transport copies them into bytes or into a
 # BufferedProtocol's buffer); the buffer returns to the device right after.  For a
@@ -31,6 +38,7 @@ cdef class Datapath:
     cdef readonly str name
     cdef _CoreLoop loop
     cdef readonly BufferPool pool     # the loop's zero-copy memory, registered with the device
+    cdef bint defer                   # set by the loop: poll() keeps completions (see above)
 
     # -- zero-copy memory ------------------------------------------------------------------
     cdef int register_slab(self, _Slab slab) except -1:
@@ -50,6 +58,10 @@ cdef class Datapath:
         """Submit queued operations, wait up to timeout_ns (<0 forever, 0 not at all) for
         completions and dispatch them.  Returns the number of completions dispatched."""
         raise NotImplementedError
+
+    cdef int dispatch_deferred(self) except -1:
+        """Dispatch what the last poll() kept because `defer` was set.  Returns how many."""
+        return 0
 
     cdef void close(self):
         pass

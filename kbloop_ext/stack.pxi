@@ -21,7 +21,7 @@ cdef int EPHEMERAL_LISTEN_FIRST = 32768, EPHEMERAL_LISTEN_LAST = 49151
 # Deferred completions, run at the end of poll(): never from inside the transport's own call.
 cdef size_t DELIVER_MAX = 256 * 1024   # bytes per data_received() call, as asyncio reads
 cdef int LATER_DRAIN = 1, LATER_RECV_DONE = 2, LATER_SENT = 3, LATER_SEND_ERROR = 4
-cdef int LATER_DGRAM_SENT = 5
+cdef int LATER_DGRAM_SENT = 5, LATER_ACCEPT = 6
 # Received pieces a ZeroCopyProtocol may hold (as Buffers over the device's memory) before its
 # connection stops delivering; it resumes once half are back.  Their room in the peer's window
 # (lwIP's receive window, RDMA's credits) comes back only as they do, so the peer stops too.
@@ -165,6 +165,7 @@ cdef class StackDatapath(Datapath):
         set bound_ports
         list later               # (kind, sock, value) completions for the end of poll()
         list rx_ready            # sockets that received something in this poll
+        list kept_later, kept_rx # what a deferring poll left for dispatch_deferred()
         list returned            # (token, length, socket) of lent Buffers that came back
         int next_port
         bint opened
@@ -180,6 +181,8 @@ cdef class StackDatapath(Datapath):
         self.bound_ports = set()
         self.later = []
         self.rx_ready = []
+        self.kept_later = []
+        self.kept_rx = []
         self.returned = []
         self.next_port = EPHEMERAL_LISTEN_FIRST
 
@@ -290,9 +293,61 @@ cdef class StackDatapath(Datapath):
     cdef _deliver_marked(self):
         ready = self.rx_ready
         self.rx_ready = []
+        self._drain_all(ready)
+
+    cdef _drain_all(self, list ready):
         for s in ready:
             (<StackSocket>s).rx_marked = False
             self._drain(s)
+
+    cdef bint _is_reading(self, StackSocket s):
+        cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+        return t is not None and t._recv_armed and not t._recv_stopping
+
+    cdef _accepted(self, StackSocket ls, StackSocket s):
+        """A connection came in on listening socket ls: its transport is made with the
+        completions (the protocol factory runs there), after the ready callbacks."""
+        self.later.append((LATER_ACCEPT, ls, s))
+
+    cdef _finish_poll(self):
+        """End of poll(): run this poll's completions, or keep them for dispatch_deferred()
+        when the loop has ready callbacks to run first (datapath.pxi: order)."""
+        if self.kept_rx or self.kept_later:
+            # Kept by an iteration that a KeyboardInterrupt cut short: due before anything new.
+            self.dispatch_deferred()
+        if self.defer:
+            if self.rx_ready:
+                # Only for transports reading now: one that starts reading in the ready
+                # callbacks (connection_made, _start_reading) gets its data at the next poll,
+                # after its creator resumed, as asyncio registers its reader only then.
+                for sock in self.rx_ready:
+                    if self._is_reading(<StackSocket>sock):
+                        self.kept_rx.append(sock)
+                    else:
+                        (<StackSocket>sock).rx_marked = False   # recv_start drains it later
+                self.rx_ready = []
+            if self.later:
+                self.kept_later.extend(self.later)
+                self.later = []
+            return
+        if self.rx_ready:
+            self._deliver_marked()
+        if self.later:
+            self._run_later()
+
+    cdef int dispatch_deferred(self) except -1:
+        # Only what that poll found: what the ready callbacks queued since (a drain after
+        # _start_reading, say) waits for the next poll, as it would without deferring.
+        cdef list rx = self.kept_rx, todo = self.kept_later
+        if not rx and not todo:
+            return 0
+        self.kept_rx = []
+        self.kept_later = []
+        if rx:
+            self._drain_all(rx)
+        if todo:
+            self._run_items(todo)
+        return len(rx) + len(todo)
 
     # -- the contract: streams -------------------------------------------------------------
     cdef int attach(self, TransportCore t) except -1:
@@ -417,30 +472,39 @@ cdef class StackDatapath(Datapath):
     # -- completions at the end of poll() --------------------------------------------------------
     cdef _run_later(self):
         cdef list todo
-        cdef StackSocket s
-        cdef StreamCore t
-        cdef int kind
         while self.later:
             todo = self.later
             self.later = []
-            for kind, s, value in todo:
-                if kind == LATER_RECV_DONE and isinstance(s.owner_obj, TransportCore):
-                    (<TransportCore>s.owner_obj)._on_recv_done()
-                    continue
-                if kind == LATER_DGRAM_SENT:
-                    if isinstance(s.owner_obj, DatagramCore):
-                        (<DatagramCore>s.owner_obj)._on_dgram_sent(value[0], value[1])
-                    continue
-                if kind == LATER_DRAIN:
-                    self._drain(s)
-                    continue
-                t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
-                if t is None:
-                    continue
-                if kind == LATER_SENT:
-                    t._on_sent(value, None)
-                elif kind == LATER_SEND_ERROR:
-                    t._on_send_error(value.errno, None, value.strerror)
+            self._run_items(todo)
+
+    cdef _run_items(self, list todo):
+        cdef StackSocket s
+        cdef StreamCore t
+        cdef int kind
+        for kind, s, value in todo:
+            if kind == LATER_RECV_DONE and isinstance(s.owner_obj, TransportCore):
+                (<TransportCore>s.owner_obj)._on_recv_done()
+                continue
+            if kind == LATER_ACCEPT:
+                if isinstance(s.owner_obj, Listener) and (<Listener>s.owner_obj).active:
+                    (<Listener>s.owner_obj)._on_accept_socket(value)
+                else:
+                    self._close_sock(<StackSocket>value)
+                continue
+            if kind == LATER_DGRAM_SENT:
+                if isinstance(s.owner_obj, DatagramCore):
+                    (<DatagramCore>s.owner_obj)._on_dgram_sent(value[0], value[1])
+                continue
+            if kind == LATER_DRAIN:
+                self._drain(s)
+                continue
+            t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+            if t is None:
+                continue
+            if kind == LATER_SENT:
+                t._on_sent(value, None)
+            elif kind == LATER_SEND_ERROR:
+                t._on_send_error(value.errno, None, value.strerror)
 
     cdef dict _stack_stats(self):
         return {

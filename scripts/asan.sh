@@ -3,7 +3,9 @@
 # Any ASan report (heap overflow, use-after-free, double free...) fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/venv.sh
+kb_venv         # the project venv (scripts/setup.sh)
+export PATH="$VENV/bin:$PATH"
 # Under the repository (.deps is git-ignored), not /tmp: the RDMA tests run their commands in
 # QEMU guests that see the host's / read-only and the repository, but a /tmp of their own.
 mkdir -p .deps

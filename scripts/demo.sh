@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY=${PYTHON:-python3}
-exec $PY -m bench --quick "$@"
+source scripts/venv.sh
+kb_venv
+export PATH="$VENV/bin:$PATH"
+exec "$PY" -m bench --quick "$@"

@@ -16,7 +16,34 @@ import kbloop
 from loops import LOOPS, MODE_LOOPS  # noqa: E402  (tests/ is on sys.path)
 
 MODE_MODULES = {"test_tcp", "test_streams", "test_unix", "test_udp", "test_sock_ops",
-                "test_sendfile", "test_adversarial", "test_divergences"}
+                "test_sendfile", "test_adversarial", "test_divergences", "test_order_context"}
+
+
+# The core suite (`pytest -m core`): what every supported Python and the installed wheel run
+# (scripts/wheels.sh --test).  Left out: the DPDK and RDMA datapaths (network namespaces, QEMU
+# guests), the services (PostgreSQL, redis-server), the benchmark smoke tests and the packaging
+# tests that build wheels themselves.
+NOT_CORE = ("test_dpdk_", "test_rdma_", "test_bench_", "test_thirdparty_asyncpg",
+            "test_thirdparty_redis", "test_packaging")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "core: the core suite (every module but DPDK, RDMA, "
+                                       "services, benchmarks and packaging)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    # Under `-m core` the other modules are not even imported: they may need packages that an
+    # installed wheel's test venv does not have (bench/, redis, asyncpg).
+    if config.getoption("markexpr", "") == "core" and collection_path.suffix == ".py":
+        return collection_path.stem.startswith(NOT_CORE) or None
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.module.__name__.rpartition(".")[2].startswith(NOT_CORE):
+            item.add_marker(pytest.mark.core)
 
 
 def pytest_generate_tests(metafunc):

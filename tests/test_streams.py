@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from netutil import Recorder, linger_reset
+from procutil import subprocess_env
 
 LOCAL = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -315,8 +316,9 @@ def test_example_echo_streams_subprocess(loop_name):
         cmd = [sys.executable, "-m", "kbloop", str(EXAMPLE), "--port", "0"]
     else:
         cmd = [sys.executable, str(EXAMPLE), "--port", "0"]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    # The kbloop this test imported (a source tree, or an installed wheel), not the clone's:
+    # hence not the clone's root as the working folder either (-m puts it on sys.path).
+    proc = subprocess.Popen(cmd, cwd=EXAMPLE.parent, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 30)

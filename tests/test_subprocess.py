@@ -15,7 +15,7 @@ import pytest
 
 import kbloop_ext.core as kbcore
 
-from conftest import open_fds
+from conftest import _describe, open_fds
 
 PY = sys.executable
 PIPE = asyncio.subprocess.PIPE
@@ -347,7 +347,12 @@ def test_many_short_subprocesses_leak_no_fds(run, no_fd_leak):
     run(main, timeout=60)
 
 
-def test_loop_closed_with_a_child_running(loop_factory, no_fd_leak):
+def pidfds():
+    return {fd for fd in open_fds() if _describe(fd) == "anon_inode:[pidfd]"}
+
+
+def test_loop_closed_with_a_child_running(loop_factory, loop_name, no_fd_leak):
+    before = pidfds()
     loop = loop_factory()
     try:
         proc = loop.run_until_complete(asyncio.create_subprocess_exec("sleep", "30"))
@@ -356,6 +361,15 @@ def test_loop_closed_with_a_child_running(loop_factory, no_fd_leak):
     finally:
         loop.close()
     popen.wait(30)    # reaps it (asyncio's watcher thread may have done so already)
+    left = pidfds() - before
+    if loop_name == "asyncio" and sys.version_info >= (3, 12):
+        # asyncio 3.12+ watches children through a pidfd, which a loop closed before the child
+        # exited never closes: asyncio's own leak, closed here so that no_fd_leak checks the rest.
+        assert len(left) <= 1
+        for fd in left:
+            os.close(int(fd))
+    else:
+        assert not left
 
 
 def test_wait_returns_when_a_grandchild_holds_stdout(run, loop_name):
@@ -414,19 +428,20 @@ def test_no_thread_per_child(kb_run):
 
 
 def test_pidfd_is_watched_then_closed(kb_run):
+    before = pidfds()       # another test's loop may have left one (asyncio 3.12+ does)
+
     async def main():
         loop = asyncio.get_running_loop()
         proc = await py("import sys; sys.stdin.read()", stdin=PIPE)
-        pidfds = dict(loop._child_pidfds)
-        assert len(pidfds) == 1
-        (pidfd, transp), = pidfds.items()
+        watched = dict(loop._child_pidfds)
+        assert len(watched) == 1
+        (pidfd, transp), = watched.items()
         assert transp.get_pid() == proc.pid
         assert os.readlink(f"/proc/self/fd/{pidfd}") == "anon_inode:[pidfd]"
         proc.stdin.close()
         assert await proc.wait() == 0
         assert not loop._child_pidfds
-        assert "pidfd" not in "".join(os.readlink(f"/proc/self/fd/{fd}")
-                                      for fd in open_fds() if os.path.exists(f"/proc/self/fd/{fd}"))
+        assert not pidfds() - before
 
     kb_run(main)
 

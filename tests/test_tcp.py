@@ -9,6 +9,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -704,8 +705,16 @@ def test_pause_reading_stops_data_received_until_resume(run):
             assert pair.st.is_reading() is False
             pair.ct.write(payload)
             await asyncio.sleep(0.2)
-            assert pair.sp.data_calls == 0
-            assert pair.sp.data == b""
+            loop = asyncio.get_running_loop()
+            if type(loop).__module__.startswith("asyncio") and \
+                    asyncio.selector_events._SelectorDatagramTransport.is_reading \
+                    is asyncio.ReadTransport.is_reading:
+                # asyncio before a 3.11 bug-fix release (Debian 12's 3.11.2) arms the reader
+                # after connection_made(), so a pause made there does not hold.
+                assert pair.sp.data_calls > 0
+            else:
+                assert pair.sp.data_calls == 0
+                assert pair.sp.data == b""
             pair.st.resume_reading()
             assert pair.st.is_reading() is True
             assert await pair.sp.wait_bytes(len(payload)) == payload
@@ -789,7 +798,11 @@ def test_write_str_raises_type_error(run):
     run(main)
 
 
-def test_write_bytearray_then_mutate_peer_gets_original(run):
+def test_write_bytearray_then_mutate_peer_gets_original(run, request):
+    if request.node.callspec.params["loop_name"] == "asyncio" and sys.version_info >= (3, 12):
+        # asyncio 3.12+ queues a view of the caller's buffer (docs/differences.md)
+        pytest.xfail("asyncio 3.12+ does not copy what it queues")
+
     async def main():
         class Paused(Recorder):
             pause_on_connect = True
@@ -806,7 +819,18 @@ def test_write_bytearray_then_mutate_peer_gets_original(run):
             pair.st.resume_reading()
             got = await pair.sp.wait_bytes(11 + len(original))
             assert got[:11] == b"hello world"
-            assert hashlib.sha256(got[11:]).digest() == hashlib.sha256(original).digest()
+            rest = got[11:]
+            if sys.version_info >= (3, 12) and \
+                    type(asyncio.get_running_loop()).__module__.startswith("asyncio"):
+                # asyncio 3.12+ keeps a view of the caller's bytearray for what the kernel did
+                # not take at once (no copy): the peer gets the original bytes up to there and
+                # the zeroed ones after.  kbloop copies (docs/differences.md).
+                n = next((i for i in range(len(rest)) if rest[i] != original[i]), len(rest))
+                assert n < len(rest)            # the kernel cannot take 16 MiB at once
+                assert rest[:n] == original[:n]
+                assert rest[n:].count(0) == len(rest) - n
+            else:
+                assert hashlib.sha256(rest).digest() == hashlib.sha256(original).digest()
         finally:
             await pair.aclose()
 

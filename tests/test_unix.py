@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import stat
+import sys
 import uuid
 
 import pytest
@@ -53,14 +54,28 @@ def test_unix_server_path_echo(run, sock_path):
 
 
 def test_unix_socket_file_after_close_matches_asyncio(run, sock_path):
-    # asyncio 3.11 leaves the socket file in place when the server closes
-    # (cleanup_socket only arrived in 3.13).
+    # asyncio 3.11 and 3.12 leave the socket file in place when the server closes; 3.13
+    # removes it (create_unix_server(cleanup_socket=True), the default), unless it was
+    # replaced meanwhile.
     async def main():
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(EchoProtocol, sock_path)
         server.close()
         await server.wait_closed()
+        assert os.path.exists(sock_path) == (sys.version_info < (3, 13))
+        if sys.version_info < (3, 13):
+            return
+        server = await loop.create_unix_server(EchoProtocol, sock_path, cleanup_socket=False)
+        server.close()
+        await server.wait_closed()
         assert os.path.exists(sock_path)
+        server = await loop.create_unix_server(EchoProtocol, sock_path)
+        os.unlink(sock_path)
+        with open(sock_path, "w"):      # not the server's any more: left alone
+            pass
+        server.close()
+        await server.wait_closed()
+        assert os.path.isfile(sock_path)
 
     run(main)
 

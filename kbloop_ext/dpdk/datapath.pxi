@@ -455,10 +455,7 @@ cdef class DpdkDatapath(StackDatapath):
         finally:
             self.api.events_clear()
             self.n_events += i
-        if self.rx_ready:
-            self._deliver_marked()
-        if self.later:
-            self._run_later()
+        self._finish_poll()
         return <int>i
 
     cdef _dispatch(self, kb_event *ev):
@@ -473,7 +470,7 @@ cdef class DpdkDatapath(StackDatapath):
             if ls.owner_obj is None or not (<Listener>ls.owner_obj).active:
                 self._close_sock(s)
                 return
-            (<Listener>ls.owner_obj)._on_accept_socket(s)
+            self._accepted(ls, s)
             return
         if ev.conn.owner is NULL:
             if ev.p is not NULL:
@@ -662,6 +659,8 @@ cdef class DpdkDatapath(StackDatapath):
                 self.api.tcp_abort(s.c)
             self._close_sock(s)
         self.later = []
+        self.kept_later = []
+        self.kept_rx = []
         try:
             self.api.poll()         # the RSTs go out now
             self.api.events_clear()

@@ -47,6 +47,16 @@ cdef inline double _monotonic():
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+# What a cancelled sock_* call's result becomes when it is kept (_sock_cancelled)
+cdef enum:
+    KEEP_NOTHING = 0
+    KEEP_BYTES = 1          # sock_recv: bytes
+    KEEP_INTO = 2           # sock_recv_into: a count, the data in buf
+    KEEP_FROM = 3           # sock_recvfrom: (bytes, address)
+    KEEP_FROM_INTO = 4      # sock_recvfrom_into: (count, address), the data in buf
+    KEEP_ACCEPTED = 5       # sock_accept: (socket, address)
+
+
 cdef class _SockKept:
     """Per socket: cancelled sock_* operations not over yet in the kernel, and what they
     completed after their callers gave up (served to the next call on the socket)."""
@@ -92,11 +102,13 @@ cdef class _CoreLoop:
         public Py_ssize_t _timer_cancelled_count
         public double _clock_resolution
         list _ready
+        list _io_sink            # while a deferred dispatch runs: where fd-watch handles go
         list _scheduled
         list _flush_queue        # transports with writes to submit this iteration
         list _rearm_watches      # fd watches whose callback ran: re-arm (level-triggered)
         dict _readers, _writers  # fd -> FdWatch
         dict _listeners          # listening fd -> Listener
+        dict _unix_server_sockets   # 3.13 cleanup_socket: listening socket -> its inode
         dict _transports         # fd -> TransportCore: sock_*/add_reader refuse those fds
         dict _sock_kept_by_fd    # fd -> _SockKept: what cancelled sock_* calls left behind
         readonly Datapath _dp
@@ -121,6 +133,7 @@ cdef class _CoreLoop:
         self._readers = {}
         self._writers = {}
         self._listeners = {}
+        self._unix_server_sockets = {}
         self._transports = {}
         self._sock_kept_by_fd = {}
         self._clock_resolution = time.get_clock_info('monotonic').resolution
@@ -135,7 +148,6 @@ cdef class _CoreLoop:
         self._asyncgens = weakref.WeakSet()
         self._asyncgens_shutdown_called = False
         self._executor_shutdown_called = False
-        self._unix_server_sockets = {}      # 3.13 cleanup_socket: listening sock -> st_ino
         self.slow_callback_duration = 0.1
         self.set_debug(coroutines._is_debug_mode())
 
@@ -272,7 +284,8 @@ cdef class _CoreLoop:
         cdef list todo
         cdef TimerHandle timer
         cdef Handle handle
-        cdef Py_ssize_t n = len(sched), i = 0, ntodo
+        cdef Py_ssize_t n = len(sched), i = 0, ntodo, nold
+        cdef bint defer
         cdef double end, timeout, t0, dt, deadline
         cdef int64_t timeout_ns
 
@@ -304,6 +317,15 @@ cdef class _CoreLoop:
         else:
             timeout_ns = -1
 
+        # asyncio runs a poll's I/O after the callbacks already ready (connection_made, then
+        # the caller of create_connection, then data_received): with some, the datapaths
+        # keep their completions for dispatch_deferred() below (datapath.pxi: order).
+        nold = len(self._ready)
+        defer = nold != 0
+        self._dp.defer = defer
+        if self._net is not None:
+            self._net.defer = defer
+
         self._submit_queued()
         deadline = _monotonic() + timeout_ns * 1e-9
         if self._net is not None:
@@ -328,6 +350,40 @@ cdef class _CoreLoop:
                 self._iterations += 1
 
         end = _monotonic() + self._clock_resolution
+        if defer:
+            due = None              # the timers due now (not those the callbacks will add)
+            while sched:
+                timer = sched[0]
+                if timer._when >= end:
+                    break
+                heappop(sched)
+                timer._scheduled = False
+                if due is None:
+                    due = []
+                due.append(timer)
+            todo = self._ready
+            self._ready = []
+            try:
+                self._run_handles(todo, 0, nold)
+                self._io_sink = todo    # fd-watch handles: run this iteration, before timers
+                try:
+                    self._dp.dispatch_deferred()
+                    if self._net is not None:
+                        self._net.dispatch_deferred()
+                except BaseException:
+                    self._ready[0:0] = todo[nold:]
+                    raise
+                finally:
+                    self._io_sink = None
+            except BaseException:
+                if due is not None:
+                    self._ready.extend(due)
+                raise
+            if due is not None:
+                todo.extend(due)
+            self._run_handles(todo, nold, len(todo))
+            return
+
         while sched:
             timer = sched[0]
             if timer._when >= end:
@@ -342,14 +398,22 @@ cdef class _CoreLoop:
             return
         todo = self._ready
         self._ready = []
+        self._run_handles(todo, 0, ntodo)
+
+    cdef int _run_handles(self, list todo, Py_ssize_t start, Py_ssize_t stop) except -1:
+        cdef Handle handle
+        cdef Py_ssize_t i = start
+        cdef double t0, dt
+        if stop <= start:
+            return 0
         try:
             if not self._debug:
-                for i in range(ntodo):
+                for i in range(start, stop):
                     handle = todo[i]
                     if not handle._cancelled:
                         handle._run()
             else:
-                for i in range(ntodo):
+                for i in range(start, stop):
                     handle = todo[i]
                     if handle._cancelled:
                         continue
@@ -363,9 +427,11 @@ cdef class _CoreLoop:
                     self._current_handle = None
         except BaseException:
             # KeyboardInterrupt/SystemExit out of a callback: keep the rest queued, as asyncio.
+            # (Completions a datapath kept stay in it: its next poll dispatches them.)
             self._ready[0:0] = todo[i + 1:]
             self._current_handle = None
             raise
+        return 0
 
     cdef int _poll_with_stack(self, int64_t timeout_ns, double deadline) except -1:
         """With a user-space stack the loop never sleeps: that device is polled, not woken.
@@ -587,8 +653,20 @@ cdef class _CoreLoop:
         """Received data a call could not take whole (a stream): first in line again."""
         self._sock_kept(sock, sock.fileno(), True).received.insert(0, item)
 
-    async def _sock_cancelled(self, op):
-        """A sock_* call was cancelled: return once its operation is over in the kernel."""
+    async def _sock_cancelled(self, op, fut=None, sock=None, keep=KEEP_NOTHING, buf=None):
+        """A sock_* call was cancelled: keep a result that came too late for its caller (the
+        task was cancelled after the future was resolved), then return once its operation is
+        over in the kernel."""
+        if keep != KEEP_NOTHING and fut.done() and not fut.cancelled() \
+                and fut.exception() is None:
+            result = fut.result()
+            if keep == KEEP_BYTES:
+                result = (result, None)
+            elif keep == KEEP_INTO:
+                result = (bytes(memoryview(buf).cast('B')[:result]), None)
+            elif keep == KEEP_FROM_INTO:
+                result = (bytes(memoryview(buf).cast('B')[:result[0]]), result[1])
+            self._sock_keep(sock, sock.fileno(), keep == KEEP_ACCEPTED, result)
         settled = op.settled
         if settled is not None and not settled.done():
             await settled
@@ -623,11 +701,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, (result, None))
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_BYTES, None)
             raise
 
     async def sock_recv_into(self, sock, buf):
@@ -641,11 +715,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result]), None))
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_INTO, buf)
             raise
 
     async def sock_sendall(self, sock, data):
@@ -705,11 +775,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), True, result)
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_ACCEPTED, None)
             raise
 
     async def sock_recvfrom(self, sock, bufsize):
@@ -724,11 +790,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, result)
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_FROM, None)
             raise
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
@@ -742,11 +804,7 @@ cdef class _CoreLoop:
         try:
             return await fut
         except exceptions.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # the result came, but the task was cancelled before it could take it
-                result = fut.result()
-                self._sock_keep(sock, sock.fileno(), False, (bytes(memoryview(buf).cast("B")[:result[0]]), result[1]))
-            await self._sock_cancelled(op)
+            await self._sock_cancelled(op, fut, sock, KEEP_FROM_INTO, buf)
             raise
 
     async def sock_sendto(self, sock, data, address):
@@ -876,6 +934,20 @@ cdef class _CoreLoop:
             resume_cb.cancel()
             raise
         return app_transport
+
+    async def start_tls(self, transport, protocol, sslcontext, *, server_side=False,
+                        server_hostname=None, ssl_handshake_timeout=None,
+                        ssl_shutdown_timeout=None):
+        # asyncio's, in whose transports reading resumes with the context of start_tls()'s
+        # caller: the TLS protocol's callbacks run in a copy of that context there, and here.
+        core = getattr(transport, '_core', None)
+        if (isinstance(core, StreamCore) and sslproto.ssl is not None
+                and isinstance(sslcontext, sslproto.ssl.SSLContext)):
+            (<StreamCore>core)._context = PyContext_CopyCurrent()
+        return await base_events.BaseEventLoop.start_tls(
+            self, transport, protocol, sslcontext, server_side=server_side,
+            server_hostname=server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout)
 
     def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100,
                        ssl_handshake_timeout=None, ssl_shutdown_timeout=None):

@@ -511,10 +511,7 @@ cdef class RdmaDatapath(StackDatapath):
         finally:
             self.api.events_clear(self.r)
             self.n_events += i
-        if self.rx_ready:
-            self._deliver_marked()
-        if self.later:
-            self._run_later()
+        self._finish_poll()
         return <int>i
 
     cdef bint prepare_sleep(self) except -1:
@@ -556,7 +553,7 @@ cdef class RdmaDatapath(StackDatapath):
             if ls.owner_obj is None or not (<Listener>ls.owner_obj).active:
                 self._close_sock(s)
                 return
-            (<Listener>ls.owner_obj)._on_accept_socket(s)
+            self._accepted(ls, s)
             return
         if kind == KB_RDMA_EV_REJECT or ev.conn.owner is NULL:
             return
@@ -633,6 +630,8 @@ cdef class RdmaDatapath(StackDatapath):
             if s.closing:
                 self._end_closing(s)
         self.later = []
+        self.kept_later = []
+        self.kept_rx = []
         if self.ticker is not None:
             self.ticker.cancel()
             self.ticker = None

@@ -9,6 +9,16 @@ cdef int LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 cdef Py_ssize_t DEFAULT_HIGH_WATER = 64 * 1024
 
 
+cdef inline bint _enter_context(object ctx) except -1:
+    """Make ctx the current context unless it is already (a callback of the same transport
+    calling back into it: a context cannot be entered twice).  True if entered: the caller
+    leaves it with PyContext_Exit."""
+    if <PyObject *>PyThreadState_Get().context == <PyObject *>ctx:
+        return False
+    PyContext_Enter(ctx)
+    return True
+
+
 cdef class TransportCore:
     cdef:
         _CoreLoop _loop
@@ -16,6 +26,7 @@ cdef class TransportCore:
         readonly object _sock
         readonly int _fd
         object _protocol
+        object _context          # the protocol's callbacks run in it (as asyncio's/uvloop's)
         object _facade
         object _server
         dict _extra
@@ -39,6 +50,9 @@ cdef class TransportCore:
         self._dp = loop._datapath_of(sock)
         self._sock = sock
         self._fd = sock.fileno()
+        # A copy of the creator's context: the caller of create_connection & co., or the
+        # accepted connection's own copy of its server's (Listener._on_accept_socket).
+        self._context = PyContext_CopyCurrent()
         self._stash = []
         self._high_water = DEFAULT_HIGH_WATER
         self._low_water = DEFAULT_HIGH_WATER // 4
@@ -63,10 +77,11 @@ cdef class TransportCore:
 
     cdef _start(self, waiter):
         """connection_made, then reading, then the waiter: asyncio's order."""
-        self._loop.call_soon(self._protocol.connection_made, self._facade)
-        self._loop.call_soon(self._start_reading)
+        ctx = self._context
+        self._loop._call_soon(self._protocol.connection_made, (self._facade,), ctx)
+        self._loop._call_soon(self._start_reading, (), ctx)
         if waiter is not None:
-            self._loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+            self._loop._call_soon(futures._set_result_unless_cancelled, (waiter, None), ctx)
 
     def __repr__(self):
         state = 'closing' if self._closing else ('closed' if self._sock is None else 'open')
@@ -127,7 +142,7 @@ cdef class TransportCore:
         if self._loop._closed:
             raise RuntimeError('Event loop is closed')    # asyncio's, from add_reader
         if self._stash or not self._wants_recv():
-            self._loop.call_soon(self._deliver_stash)
+            self._loop._call_soon(self._deliver_stash, (), self._context)
         if self._wants_recv():
             self._start_reading()
         if self._loop._debug:
@@ -224,7 +239,7 @@ cdef class TransportCore:
             # than whenever the transport is collected.
             self._release_socket()
             raise RuntimeError('Event loop is closed')
-        self._loop.call_soon(self._call_connection_lost, exc)
+        self._loop._call_soon(self._call_connection_lost, (exc,), self._context)
 
     cdef _release_socket(self):
         sock = self._sock

@@ -6,6 +6,7 @@
 # is truncated.
 
 cdef Py_ssize_t DATAGRAM_MAX_SIZE = 256 * 1024     # asyncio's _SelectorTransport.max_size
+cdef bint SEND_EMPTY_DATAGRAMS = sys.version_info >= (3, 13)   # asyncio ignores them before
 
 
 cdef class DatagramCore(TransportCore):
@@ -32,7 +33,35 @@ cdef class DatagramCore(TransportCore):
     cdef _arm_recv(self):
         self._dp.dgram_recv_start(self)
 
+    # The datapath's calls (datapath.pxi) run the protocol in the transport's context.
     cdef void _on_datagram(self, bytes data, addr) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_datagram(data, addr)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_dgram_error(self, int err) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_dgram_error(err)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_dgram_sent(self, Py_ssize_t size, int err) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_dgram_sent(size, err)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _handle_datagram(self, bytes data, addr) except *:
         if self._closing or self._called_lost:
             return
         if self._paused_reading or self._stash:
@@ -52,7 +81,7 @@ cdef class DatagramCore(TransportCore):
                 'exception': exc, 'transport': self._facade, 'protocol': self._protocol,
             })
 
-    cdef void _on_dgram_error(self, int err) except *:
+    cdef void _handle_dgram_error(self, int err) except *:
         if self._closing or self._called_lost or err == ECANCELED:
             return
         self._protocol.error_received(OSError(err, os.strerror(err)))
@@ -67,7 +96,7 @@ cdef class DatagramCore(TransportCore):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f'data argument must be a bytes-like object, '
                             f'not {type(data).__name__!r}')
-        if not data:
+        if not data and not SEND_EMPTY_DATAGRAMS:
             return
         if self._address:
             if addr not in (None, self._address):
@@ -122,7 +151,7 @@ cdef class DatagramCore(TransportCore):
             self._sends_inflight += 1
             self._dp.dgram_send(self, data, sa)
 
-    cdef void _on_dgram_sent(self, Py_ssize_t size, int err) except *:
+    cdef void _handle_dgram_sent(self, Py_ssize_t size, int err) except *:
         self._sends_inflight -= 1
         if self._lost_scheduled or self._sock is None:
             return

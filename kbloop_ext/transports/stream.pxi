@@ -73,7 +73,53 @@ cdef class StreamCore(TransportCore):
     cdef bint _wants_recv(self):
         return not self._eof_received and not self._stash_eof and not self._throttled
 
+    # The datapath's calls (datapath.pxi) run the protocol in the transport's context.
     cdef void _on_buffer(self, Buffer buf) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_buffer(buf)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_data(ptr, n)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_bytes(self, bytes data) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_bytes(data)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_eof(self) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_eof()
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _on_sent(self, Py_ssize_t nbytes, list unsent) except *:
+        ctx = self._context
+        cdef bint entered = _enter_context(ctx)
+        try:
+            self._handle_sent(nbytes, unsent)
+        finally:
+            if entered:
+                PyContext_Exit(ctx)
+
+    cdef void _handle_buffer(self, Buffer buf) except *:
         """A ZeroCopyProtocol's data: the receive buffer itself, the protocol's to keep."""
         if self._closing or self._called_lost:
             return
@@ -87,7 +133,7 @@ cdef class StreamCore(TransportCore):
         except BaseException as exc:
             self._fatal_error(exc, 'Fatal error: protocol.buffer_received() call failed.')
 
-    cdef void _on_data(self, const char *ptr, Py_ssize_t n) except *:
+    cdef void _handle_data(self, const char *ptr, Py_ssize_t n) except *:
         """n bytes arrived in a pool buffer lent for this call only.  A BufferedProtocol
         gets them copied straight into its buffer; the others get a bytes object."""
         if (self._is_buffered and not self._paused_reading and not self._stash
@@ -101,7 +147,7 @@ cdef class StreamCore(TransportCore):
             return
         self._on_bytes(PyBytes_FromStringAndSize(ptr, n))
 
-    cdef void _on_bytes(self, bytes data) except *:
+    cdef void _handle_bytes(self, bytes data) except *:
         """Received data as a bytes object (from _on_data, or from a device that gathered it)."""
         if self._closing or self._called_lost:
             return
@@ -140,7 +186,7 @@ cdef class StreamCore(TransportCore):
             ptr += m
             n -= m
 
-    cdef void _on_eof(self) except *:
+    cdef void _handle_eof(self) except *:
         self._recv_armed = False
         if self._closing or self._called_lost:
             return
@@ -256,7 +302,7 @@ cdef class StreamCore(TransportCore):
         self._wbuf = []
         return batch
 
-    cdef void _on_sent(self, Py_ssize_t nbytes, list unsent) except *:
+    cdef void _handle_sent(self, Py_ssize_t nbytes, list unsent) except *:
         """The datapath's send completed; `unsent` is what it could not send, in order."""
         self._send_inflight = False
         if self._lost_scheduled or self._sock is None:
@@ -382,6 +428,7 @@ cdef class Listener:
         object sslcontext
         object ssl_handshake_timeout, ssl_shutdown_timeout
         bint active
+        object _context          # copied at create_server/start_serving
         public object _dp_state
 
     def __init__(self, _CoreLoop loop, sock, protocol_factory, sslcontext, server,
@@ -395,6 +442,7 @@ cdef class Listener:
         self.sslcontext = sslcontext
         self.ssl_handshake_timeout = ssl_handshake_timeout
         self.ssl_shutdown_timeout = ssl_shutdown_timeout
+        self._context = PyContext_CopyCurrent()
 
     cdef start(self):
         if not self.active:
@@ -421,7 +469,17 @@ cdef class Listener:
         self._on_accept_socket(conn)
 
     cdef void _on_accept_socket(self, conn) except *:
-        """A new connection (a kernel socket, or a device's stand-in for one): its transport."""
+        """A new connection (a kernel socket, or a device's stand-in for one): its transport.
+        As asyncio (a task per accepted connection), each connection gets its own copy of the
+        server's context: the protocol factory runs in it, and the transport copies it."""
+        ctx = PyContext_Copy(self._context)
+        PyContext_Enter(ctx)
+        try:
+            self._accept_socket(conn)
+        finally:
+            PyContext_Exit(ctx)
+
+    cdef void _accept_socket(self, conn) except *:
         try:
             protocol = self.protocol_factory()
             if self.sslcontext is not None:
@@ -488,5 +546,8 @@ cdef class FdWatch:
     cdef void _on_ready(self) except *:
         self.armed = False
         if self.handle is not None and not self.handle._cancelled:
-            self._loop._ready.append(self.handle)
+            # an I/O handle: with the other I/O of this iteration (a deferred dispatch's
+            # handles join the handles running now), before the due timers
+            sink = self._loop._io_sink
+            (self._loop._ready if sink is None else sink).append(self.handle)
             self._loop._rearm_watches.append(self)

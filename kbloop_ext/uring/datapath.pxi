@@ -216,22 +216,18 @@ cdef class WakeOp(UringOp):
         self.dp._arm_wakeup()
 
 
-cdef class FutureOp(UringOp):
-    """A one-shot operation resolving an asyncio future (sock_* and connect).
+cdef class SockOp(UringOp):
+    """An operation of a loop.sock_* call (or of a datagram transport, for MsgOp), on fd.
 
     A cancelled future does not undo what the kernel already did: a receive or an accept
     that completes after its caller gave up keeps its result for the next call on that
     socket (the loop's _SockKept), and the caller's cancellation waits until the operation
     has settled in the kernel (`settled`), so that nothing it started goes on behind it."""
     cdef:
-        object fut
-        int kind
         int fd
-        object keep             # objects the kernel reads or writes (address, buffer)
         object sock             # the socket object of the call
         Py_buffer view
         bint have_view
-        Py_ssize_t offset       # sock_sendall progress
         bint pending
         uint64_t prepared_at    # dp.n_polls when the SQE was queued
         public object settled   # future: the operation is over in the kernel (after a cancel)
@@ -252,14 +248,23 @@ cdef class FutureOp(UringOp):
             # an SQE naming that fd number in the queue: submit the cancel with it now.
             self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
 
-    cdef void _settle(self, object kept) except *:
+    cdef void _settle(self, object kept, bint accepted=False) except *:
         """The operation is over; `kept` is what a cancelled caller did not take."""
         cdef object settled = self.settled
         self.settled = None
         if kept is not None:
-            self.dp.loop._sock_keep(self.sock, self.fd, self.kind == OP_ACCEPT, kept)
+            self.dp.loop._sock_keep(self.sock, self.fd, accepted, kept)
         if settled is not None and not settled.done():
             settled.set_result(None)
+
+
+cdef class FutureOp(SockOp):
+    """A one-shot operation resolving an asyncio future (sock_* and connect)."""
+    cdef:
+        object fut
+        int kind
+        object keep             # objects the kernel reads or writes (address, buffer)
+        Py_ssize_t offset       # sock_sendall progress
 
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef object fut = self.fut
@@ -278,7 +283,7 @@ cdef class FutureOp(UringOp):
                 except OSError:
                     addr = None
                 if fut.done():
-                    self._settle((conn, addr))
+                    self._settle((conn, addr), True)
                 else:
                     fut.set_result((conn, addr))
                     self._settle(None)
@@ -324,33 +329,19 @@ cdef class FutureOp(UringOp):
             os.close(res)
 
 
-cdef class MsgOp(UringOp):
+cdef class MsgOp(SockOp):
     """recvmsg/sendmsg with an address: datagram transports and sock_recvfrom/sendto."""
     cdef:
         int kind
-        int fd
         object target           # DatagramCore, or the future of a sock_* call
-        object sock             # sock_*: the socket object of the call
         msghdr msg
         iovec iov
         char name[128]          # struct sockaddr_storage
-        Py_buffer view
-        bint have_view
         object keep             # objects the kernel reads or writes
         char *own_buf           # receive buffer of a datagram transport
-        uint64_t prepared_at
-        bint pending
-        public object settled   # as FutureOp's
 
     def __dealloc__(self):
-        if self.have_view:
-            PyBuffer_Release(&self.view)
         PyMem_Free(self.own_buf)
-
-    cdef void _release(self):
-        if self.have_view:
-            self.have_view = False
-            PyBuffer_Release(&self.view)
 
     cdef void _prep_recv(self, char *buf, size_t size):
         memset(&self.msg, 0, sizeof(msghdr))
@@ -373,19 +364,6 @@ cdef class MsgOp(UringOp):
         if sa is not None:
             self.msg.msg_name = PyBytes_AS_STRING(sa)
             self.msg.msg_namelen = len(sa)
-
-    def _on_fut_done(self, fut):
-        if fut.cancelled() and self.pending:
-            self.settled = self.dp.loop._sock_settling(self.sock, self.fd)
-            self.dp._cancel(self, self.prepared_at == self.dp.n_polls)
-
-    cdef void _settle(self, object kept) except *:
-        cdef object settled = self.settled
-        self.settled = None
-        if kept is not None:
-            self.dp.loop._sock_keep(self.sock, self.fd, False, kept)
-        if settled is not None and not settled.done():
-            settled.set_result(None)
 
     cdef void complete(self, int res, uint32_t flags) except *:
         cdef DatagramCore t
@@ -476,6 +454,7 @@ cdef class UringDatapath(Datapath):
         readonly str mode
         unsigned napi_us
         uint64_t n_spin_hits, n_sleeps
+        unsigned kept                # CQEs a deferring poll left in the CQ for dispatch_deferred
         Py_ssize_t inflight          # ops the ring holds a reference to
         object enabled_thread
         unsigned long enabled_ident
@@ -641,6 +620,9 @@ cdef class UringDatapath(Datapath):
         cdef int64_t spin
         if not self.r.enabled:
             self._enable()
+        if self.kept:
+            # Kept by an iteration that a KeyboardInterrupt cut short: due before anything new.
+            self.dispatch_deferred()
         kb_bufring_publish(&self.r)     # buffers the application let go of since the harvest
         if self.parked:
             self._unpark()
@@ -656,7 +638,7 @@ cdef class UringDatapath(Datapath):
             if ret:
                 self.n_spin_hits += 1
                 self.n_polls += 1
-                return self._harvest()
+                return self._harvest(0)
             self.n_sleeps += 1
             if timeout_ns > 0:
                 timeout_ns = timeout_ns - spin if timeout_ns > spin else 0
@@ -673,7 +655,8 @@ cdef class UringDatapath(Datapath):
         elif ret == -EINTR:
             self.n_enters += 1
             if PyErr_CheckSignals() < 0:
-                self._harvest()     # what completed still gets delivered
+                if not self.defer:
+                    self._harvest(0)    # what completed still gets delivered
                 return -1
         elif ret == -EEXIST:
             raise RuntimeError(
@@ -682,18 +665,37 @@ cdef class UringDatapath(Datapath):
                 'new_event_loop(single_issuer=False)')
         elif ret < 0 and ret != -EBUSY and ret != -EAGAIN:
             raise OSError(-ret, 'io_uring_enter: ' + os.strerror(-ret))
-        return self._harvest()
+        if self.defer:
+            # Ready callbacks wait: leave the CQEs in the CQ (the ring keeps holding their ops
+            # and provided buffers) and dispatch exactly these after them.
+            self.kept = io_uring_cq_ready(&self.r.ring)
+            return self.kept
+        return self._harvest(0)
 
-    cdef int _harvest(self) except -1:
+    cdef int dispatch_deferred(self) except -1:
+        cdef unsigned n = self.kept
+        if n == 0:
+            return 0
+        self.kept = 0
+        return self._harvest(n)
+
+    cdef int _harvest(self, unsigned limit) except -1:
+        """Dispatch the CQEs in the CQ, or only the first `limit` of them."""
         cdef io_uring_cqe *cqes[CQE_BATCH]
-        cdef unsigned n, i
+        cdef unsigned n, i, want
         cdef uint64_t ud
         cdef int res, total = 0
         cdef uint32_t fl
         cdef UringOp op
         try:
             while True:
-                n = io_uring_peek_batch_cqe(&self.r.ring, cqes, CQE_BATCH)
+                want = CQE_BATCH
+                if limit:
+                    if <unsigned>total >= limit:
+                        break
+                    if limit - total < want:
+                        want = limit - total
+                n = io_uring_peek_batch_cqe(&self.r.ring, cqes, want)
                 if n == 0:
                     break
                 if n > self.max_cqe_batch:
@@ -736,7 +738,7 @@ cdef class UringDatapath(Datapath):
                 rounds += 1
                 if kb_submit_and_wait(&self.r, 10000000) == -EEXIST:
                     break   # closed from a thread other than the ring's issuer: cannot drain
-                self._harvest()
+                self._harvest(0)
         except BaseException:
             pass
         if self.inflight > 0:
