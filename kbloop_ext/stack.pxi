@@ -301,7 +301,9 @@ cdef class StackDatapath(Datapath):
             self._drain(s)
 
     cdef bint _is_reading(self, StackSocket s):
-        cdef StreamCore t = s.owner_obj if isinstance(s.owner_obj, StreamCore) else None
+        """s's transport (stream or datagram) was reading when this poll found its data."""
+        cdef TransportCore t = (s.owner_obj if isinstance(s.owner_obj, TransportCore)
+                                else None)
         return t is not None and t._recv_armed and not t._recv_stopping
 
     cdef _accepted(self, StackSocket ls, StackSocket s):

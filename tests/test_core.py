@@ -1054,6 +1054,9 @@ def test_ctrl_c_cancels_main_and_raises_keyboard_interrupt(loop_name, tmp_path, 
     proc = subprocess.Popen(
         [sys.executable, str(script), loop_name, wait],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), text=True,
+        # Python installs its KeyboardInterrupt handler only where SIGINT is not ignored, and a
+        # job started in the background of a non-interactive shell (CI) inherits it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     killer = threading.Timer(60, proc.kill)  # never hang the suite on a stuck child
     killer.start()

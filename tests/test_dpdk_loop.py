@@ -831,6 +831,9 @@ async def main():
     except asyncio.TimeoutError:
         pass
     out["datagrams_same"] = sorted(echoed) == sorted(sent)
+    if not out["datagrams_same"]:
+        out["datagrams_missing"] = [d.hex() for d in sent if d not in echoed]
+        out["datagrams_extra"] = [d.hex() for d in echoed if d not in sent]
     t.close()
 
 kbloop.run(main())
