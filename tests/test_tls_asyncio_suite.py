@@ -10,9 +10,6 @@ the client and the server side with no call to the exception handler
 (test_start_tls_client_buf_proto_1, _reg_proto_1, test_start_tls_server_1), corrupted TLS after
 start_tls, TLS over TLS, handshake timeouts and a peer lost mid-handshake, and no reference cycle
 keeping the SSL context alive.  Each interpreter runs its own version of the suite."""
-import asyncio
-import sys
-import unittest
 
 import pytest
 
@@ -53,10 +50,3 @@ TestSSL_kbloop_sqpoll = _kbloop_case(
     "TestSSL_kbloop_sqpoll",
     lambda: kbloop.new_event_loop(backend="io_uring", sqpoll=True, sq_idle_ms=10))
 
-
-# On an SQPOLL ring the send of our close_notify completes asynchronously, so this test's loop
-# stops before the TCP transport has closed: the still-open transport holds the context when it
-# checks.  A timing property of the mode, not of the TLS layer (the default mode passes it).
-TestSSL_kbloop_sqpoll.test_create_connection_memory_leak = unittest.skip(
-    "SQPOLL: the transport is still closing when the test stops the loop")(
-    T.TestSSL.test_create_connection_memory_leak)

@@ -229,6 +229,11 @@ cdef class _CoreLoop:
                 self._run_once()
                 if self._stopping:
                     break
+            # asyncio's I/O happens inside the callbacks: what the last iteration queued (a
+            # gathered write, the close of a socket) goes to the kernel before run_forever()
+            # returns, not whenever the loop runs again
+            self._submit_queued()
+            self._dp.submit()
         finally:
             if old_affinity is not None:
                 os.sched_setaffinity(0, old_affinity)

@@ -82,6 +82,7 @@ cdef class TLSProtocol:
         bint _eof_received           # the lower transport saw the peer's FIN
         bint _close_notify           # the peer's close_notify was read: ignore what follows
         bint _read_scheduled
+        bint _app_released           # the app transport let go of us (closed twice)
         int _conn_lost
         dict _extra
         bytearray _rbuf
@@ -182,6 +183,7 @@ cdef class TLSProtocol:
         # test_create_connection_memory_leak: the context must go by refcounting alone)
         self._app_protocol = None
         self._app_get_buffer = self._app_buffer_updated = self._app_data_received = None
+        self._release_tls()
 
     cdef _cancel_timers(self):
         if self._shutdown_timer is not None:
@@ -366,6 +368,7 @@ cdef class TLSProtocol:
             self._ssl_writing_paused = False
             self._process_outgoing()
             self._loop.call_soon(self._close_lower)
+        self._release_tls()
 
     def _close_lower(self):
         if self._transport is not None:
@@ -378,6 +381,7 @@ cdef class TLSProtocol:
                 self._transport.abort()
             else:
                 self._lower_force_close(exc)
+        self._release_tls()
 
     cdef _lower_force_close(self, exc):
         if self._core is not None:
@@ -625,6 +629,19 @@ cdef class TLSProtocol:
     def _app_close(self):
         self._start_shutdown()
 
+    def _app_release(self):
+        self._app_released = True
+        self._release_tls()
+
+    cdef _release_tls(self):
+        """Once TLS is over and the app transport let go, the SSL objects (and the context)
+        go now: the lower transport may keep us a while yet (an io_uring close completes on a
+        later iteration, maybe after the loop stopped) and asyncio's are freed by then."""
+        if self._app_released and self._state == UNWRAPPED and self._sslobj is not None:
+            self._sslobj = None
+            self._sslcontext = None
+            self._extra = {}
+
     def _app_abort(self, exc=None):
         self._abort(exc)
 
@@ -719,6 +736,14 @@ class TLSTransport(transports._FlowControlMixin, transports.Transport):
         if not self._closed:
             self._closed = True
             self._ssl_protocol._app_close()
+        else:
+            # asyncio's: a second close() lets go of the TLS layer, so that an app protocol
+            # keeping its transport keeps no SSL context alive while the lower transport is
+            # still closing (test_create_connection_memory_leak)
+            ssl_protocol = self._ssl_protocol
+            if ssl_protocol is not None:
+                self._ssl_protocol = None
+                ssl_protocol._app_release()
 
     def __del__(self, _warn=warnings.warn):
         if not self._closed:
@@ -771,12 +796,12 @@ class TLSTransport(transports._FlowControlMixin, transports.Transport):
         return False
 
     def abort(self):
-        self._closed = True
-        self._ssl_protocol._app_abort(None)
+        self._force_close(None)
 
     def _force_close(self, exc):
         self._closed = True
-        self._ssl_protocol._app_abort(exc)
+        if self._ssl_protocol is not None:
+            self._ssl_protocol._app_abort(exc)
 
     def _test__append_write_backlog(self, data):
         self._ssl_protocol._test__append_write_backlog(data)
