@@ -15,12 +15,6 @@ import pytest
 
 import kbloop
 
-
-@pytest.fixture(autouse=True)
-def kbloop_tls(monkeypatch):
-    """kbloop's own TLS transport (opt-in, KBLOOP_TLS=kbloop, until issue 15 is done)."""
-    monkeypatch.setenv("KBLOOP_TLS", "kbloop")
-
 T = pytest.importorskip("test.test_asyncio.test_ssl",
                         reason="this interpreter ships without its test package")
 

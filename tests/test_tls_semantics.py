@@ -17,12 +17,6 @@ import pytest
 import kbloop
 from test_tls import HOST, HOSTNAME, PKI, _name
 
-
-@pytest.fixture(autouse=True)
-def kbloop_tls(monkeypatch):
-    """kbloop's own TLS transport (opt-in, KBLOOP_TLS=kbloop, until issue 15 is done)."""
-    monkeypatch.setenv("KBLOOP_TLS", "kbloop")
-
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402

@@ -808,9 +808,9 @@ class TLSTransport(transports._FlowControlMixin, transports.Transport):
 
 
 cdef str _tls_impl():
-    """KBLOOP_TLS=kbloop|asyncio chooses the TLS layer: asyncio's sslproto by default until
-    kbloop's own has passed everything issue 15 asks (docs/tls.md)."""
-    impl = os.environ.get('KBLOOP_TLS', 'asyncio')
+    """KBLOOP_TLS=kbloop|asyncio chooses the TLS layer: kbloop's own by default; asyncio's
+    sslproto over kbloop's transports is the escape hatch (docs/tls.md)."""
+    impl = os.environ.get('KBLOOP_TLS', 'kbloop')
     if impl not in ('kbloop', 'asyncio'):
         raise ValueError(f'KBLOOP_TLS must be kbloop or asyncio, not {impl!r}')
     return impl
