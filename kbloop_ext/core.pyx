@@ -103,6 +103,7 @@ cdef class DpdkDatapath
 cdef class DpdkSocket
 cdef class RdmaDatapath
 cdef class RdmaSocket
+cdef class TLSProtocol
 
 include "loop/handles.pxi"
 include "buffers/pool.pxi"
@@ -110,6 +111,7 @@ include "datapath.pxi"
 include "transports/base.pxi"
 include "transports/stream.pxi"
 include "transports/datagram.pxi"
+include "transports/tls.pxi"
 include "uring/datapath.pxi"
 include "uring/probe.pxi"
 include "stack.pxi"

@@ -70,6 +70,10 @@ cdef class Datapath:
         """Operations queued and not submitted yet (poll(0) would submit them)."""
         return False
 
+    cdef int submit(self) except -1:
+        """Hand what is queued to the device now, dispatching nothing (the loop is stopping)."""
+        return 0
+
     # -- streams ------------------------------------------------------------------------
     cdef int listen(self, Listener listener) except -1:
         raise NotImplementedError

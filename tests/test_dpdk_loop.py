@@ -1246,8 +1246,8 @@ with socket.create_connection((sys.argv[1], 7443), timeout=30) as raw:
 
 
 def test_tls_over_the_stack(net, tmp_path):
-    """TLS (asyncio's sslproto) over a stack connection: a kernel client verifies the server's
-    certificate and echoes 1 MiB through it."""
+    """TLS (kbloop's own layer, docs/tls.md) over a stack connection: a kernel client verifies
+    the server's certificate and echoes 1 MiB through it."""
     from test_tls import HOSTNAME, PKI
     pki = PKI(str(tmp_path))
     prog = script(tmp_path, "tls_server.py", TLS_SERVER)

@@ -1003,3 +1003,24 @@ def test_abort_while_a_send_is_in_flight_resets_buffer_size(run):
             server.close()
 
     run(main)
+
+
+def test_abort_before_stop_closes_the_socket_at_once(loop_factory):
+    """abort() in the loop's last iteration: the peer sees the close when run_until_complete()
+    returns, not whenever the loop runs again (asyncio closes inside its callbacks; kbloop hands
+    what its last iteration queued to the kernel before run_forever() returns).  CPython 3.12's
+    test_ssl_handshake_timeout waits on this with the loop stopped."""
+    async def connect_and_abort(sock):
+        tr, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, sock=sock)
+        tr.abort()
+
+    loop = loop_factory()
+    try:
+        for _ in range(50):
+            a, b = socket.socketpair()
+            with b:
+                loop.run_until_complete(connect_and_abort(a))
+                b.settimeout(10)
+                assert b.recv(100) == b""
+    finally:
+        loop.close()

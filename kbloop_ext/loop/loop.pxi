@@ -249,6 +249,11 @@ cdef class _CoreLoop:
                 self._run_once()
                 if self._stopping:
                     break
+            # asyncio's I/O happens inside the callbacks: what the last iteration queued (a
+            # gathered write, the close of a socket) goes to the kernel before run_forever()
+            # returns, not whenever the loop runs again
+            self._submit_queued()
+            self._dp.submit()
         finally:
             if old_affinity is not None:
                 os.sched_setaffinity(0, old_affinity)
@@ -922,13 +927,38 @@ cdef class _CoreLoop:
                             server_side=False, server_hostname=None, extra=None, server=None,
                             ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
                             call_connection_made=True):
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol, app_transport = _new_tls_protocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
-            call_connection_made=call_connection_made)
+            ssl_handshake_timeout, ssl_shutdown_timeout, call_connection_made)
         StreamCore(self, rawsock, ssl_protocol, extra=extra, server=server)
-        return ssl_protocol._app_transport
+        return app_transport
+
+    async def start_tls(self, transport, protocol, sslcontext, *, server_side=False,
+                        server_hostname=None, ssl_handshake_timeout=None,
+                        ssl_shutdown_timeout=None):
+        """asyncio's start_tls(), over the selected TLS layer (KBLOOP_TLS)."""
+        if not isinstance(sslcontext, _ssl_mod.SSLContext):
+            raise TypeError(f'sslcontext is expected to be an instance of ssl.SSLContext, '
+                            f'got {sslcontext!r}')
+        if not getattr(transport, '_start_tls_compatible', False):
+            raise TypeError(f'transport {transport!r} is not supported by start_tls()')
+        waiter = self.create_future()
+        ssl_protocol, app_transport = _new_tls_protocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout, ssl_shutdown_timeout, False)
+        # Pause first so that no data reaches the TLS layer before its connection_made().
+        transport.pause_reading()
+        transport.set_protocol(ssl_protocol)
+        conmade_cb = self.call_soon(ssl_protocol.connection_made, transport)
+        resume_cb = self.call_soon(transport.resume_reading)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            conmade_cb.cancel()
+            resume_cb.cancel()
+            raise
+        return app_transport
 
     async def start_tls(self, transport, protocol, sslcontext, *, server_side=False,
                         server_hostname=None, ssl_handshake_timeout=None,

@@ -51,7 +51,9 @@ cdef class StreamCore(TransportCore):
     cdef _set_protocol(self, protocol):
         self._protocol = protocol
         self._zero_copy = isinstance(protocol, ZeroCopyProtocol)
-        self._is_buffered = isinstance(protocol, protocols.BufferedProtocol)
+        # kbloop's TLS layer takes the received bytes into its own buffer, as a BufferedProtocol
+        self._is_buffered = (isinstance(protocol, protocols.BufferedProtocol)
+                             or isinstance(protocol, TLSProtocol))
         if self._zero_copy:
             self._buffer_received = protocol.buffer_received
         elif self._is_buffered:

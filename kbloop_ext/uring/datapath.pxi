@@ -619,6 +619,18 @@ cdef class UringDatapath(Datapath):
     cdef bint has_submissions(self):
         return io_uring_sq_ready(&self.r.ring) > 0 or len(self.parked) > 0
 
+    cdef int submit(self) except -1:
+        if not self.opened or threading.get_ident() != self.enabled_thread:
+            return 0
+        if self.parked:
+            self._unpark()
+        if io_uring_sq_ready(&self.r.ring):
+            # get_events also runs deferred task work: a closed socket's cancelled receive
+            # drops its file reference, so the peer sees the close now
+            io_uring_submit_and_get_events(&self.r.ring)
+            self.n_enters += 1
+        return 0
+
     cdef int poll(self, int64_t timeout_ns) except -1:
         cdef int ret
         cdef int64_t spin
