@@ -946,6 +946,11 @@ cdef class _CoreLoop:
         ssl_protocol, app_transport = _new_tls_protocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname,
             ssl_handshake_timeout, ssl_shutdown_timeout, False)
+        # As asyncio, whose transports resume reading in the context of start_tls()'s caller:
+        # the TLS layer's callbacks run in a copy of that context.
+        core = getattr(transport, '_core', None)
+        if isinstance(core, StreamCore):
+            (<StreamCore>core)._context = PyContext_CopyCurrent()
         # Pause first so that no data reaches the TLS layer before its connection_made().
         transport.pause_reading()
         transport.set_protocol(ssl_protocol)
@@ -959,20 +964,6 @@ cdef class _CoreLoop:
             resume_cb.cancel()
             raise
         return app_transport
-
-    async def start_tls(self, transport, protocol, sslcontext, *, server_side=False,
-                        server_hostname=None, ssl_handshake_timeout=None,
-                        ssl_shutdown_timeout=None):
-        # asyncio's, in whose transports reading resumes with the context of start_tls()'s
-        # caller: the TLS protocol's callbacks run in a copy of that context there, and here.
-        core = getattr(transport, '_core', None)
-        if (isinstance(core, StreamCore) and sslproto.ssl is not None
-                and isinstance(sslcontext, sslproto.ssl.SSLContext)):
-            (<StreamCore>core)._context = PyContext_CopyCurrent()
-        return await base_events.BaseEventLoop.start_tls(
-            self, transport, protocol, sslcontext, server_side=server_side,
-            server_hostname=server_hostname, ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout)
 
     def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100,
                        ssl_handshake_timeout=None, ssl_shutdown_timeout=None):
