@@ -768,3 +768,50 @@ def test_sendfile_over_tls_falls_back_to_read_and_write(run, pki, tmp_path):
     sent, data = run(main, timeout=30)
     assert sent == len(payload)
     assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
+
+
+@pytest.mark.parametrize("impl, expected", [(None, "TLSTransport"),
+                                            ("asyncio", "_SSLProtocolTransport")])
+def test_kbloop_tls_layer_is_used_everywhere(pki, monkeypatch, impl, expected):
+    """kbloop's own TLS layer serves create_connection(ssl=), create_server(ssl=) and
+    start_tls() alike by default; KBLOOP_TLS=asyncio selects asyncio's sslproto for all."""
+    import kbloop
+    if impl is None:
+        monkeypatch.delenv("KBLOOP_TLS", raising=False)
+    else:
+        monkeypatch.setenv("KBLOOP_TLS", impl)
+
+    async def main():
+        seen = []
+        upgraded = asyncio.get_running_loop().create_future()
+
+        async def tls_handler(r, w):
+            seen.append(type(w.transport).__name__)
+            await r.read()
+            w.close()
+
+        async def plain_handler(r, w):
+            await w.start_tls(pki.server_ctx())
+            upgraded.set_result(type(w.transport).__name__)
+            await r.read()
+            w.close()
+
+        tls_server = await asyncio.start_server(tls_handler, HOST, 0, ssl=pki.server_ctx())
+        plain_server = await asyncio.start_server(plain_handler, HOST, 0)
+        r, w = await asyncio.open_connection(
+            HOST, tls_server.sockets[0].getsockname()[1], ssl=pki.client_ctx(),
+            server_hostname=HOSTNAME)
+        seen.append(type(w.transport).__name__)
+        w.close()
+        r2, w2 = await asyncio.open_connection(HOST, plain_server.sockets[0].getsockname()[1])
+        await w2.start_tls(pki.client_ctx(), server_hostname=HOSTNAME)
+        seen.append(type(w2.transport).__name__)
+        seen.append(await upgraded)
+        w2.close()
+        for s in (tls_server, plain_server):
+            s.close()
+        return seen
+
+    with asyncio.Runner(loop_factory=kbloop.new_event_loop) as runner:
+        seen = runner.run(asyncio.wait_for(main(), 30))
+    assert seen == [expected] * 4, seen
