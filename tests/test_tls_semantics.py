@@ -1,7 +1,7 @@
 """Issue 15's TLS behaviours that CPython's suite (tests/test_tls_asyncio_suite.py) does not hold.
 
-Each test runs on asyncio (the control), uvloop (the reference for the shutdown semantics the
-issue asks for, where it is installed) and kbloop.  Where asyncio is wrong the test says so and
+Each test runs on asyncio (the control) and kbloop, and with KBLOOP_TEST_UVLOOP_TLS=1 on uvloop
+too (the reference for the shutdown semantics the issue asks for).  Where asyncio is wrong the test says so and
 asserts uvloop's semantics on uvloop and kbloop only (docs/differences.md lists them)."""
 import asyncio
 import ctypes
@@ -31,7 +31,11 @@ IMPLS = {
     "asyncio": asyncio.new_event_loop,
     "kbloop": lambda: kbloop.new_event_loop(backend="io_uring"),
 }
-if uvloop is not None:
+# uvloop, the reference these expectations were taken from, is compared only on request:
+# libuv's assertions can abort the whole interpreter when a TLS transport closes in
+# some of these cases (MagicStack/uvloop#649; a CI run was lost to a SIGABRT in loop.close()
+# here), which would end the suite rather than fail one test.
+if uvloop is not None and os.environ.get("KBLOOP_TEST_UVLOOP_TLS") == "1":
     IMPLS["uvloop"] = uvloop.new_event_loop
 
 
