@@ -577,6 +577,12 @@ cdef class UringDatapath(Datapath):
             self.enabled_thread = threading.get_ident()
             self.enabled_ident = PyThread_get_thread_ident()
 
+    cdef _wrong_thread(self):
+        return RuntimeError(
+            'kbloop: this loop\'s io_uring is bound to the thread that first ran it '
+            '(SINGLE_ISSUER); run it in that thread or create it with '
+            'new_event_loop(single_issuer=False)')
+
     cdef _arm_wakeup(self):
         cdef io_uring_sqe *s = self._sqe()
         io_uring_prep_read(s, self.wake_fd, &self.wake_op.value, 8, 0)
@@ -636,6 +642,11 @@ cdef class UringDatapath(Datapath):
         cdef int64_t spin
         if not self.r.enabled:
             self._enable()
+        elif (self.r.features & KB_F_SINGLE_ISSUER
+                and PyThread_get_thread_ident() != self.enabled_ident):
+            # The kernel says so too (EEXIST), but only when we enter it, and a poll with
+            # callbacks ready may not (TASKRUN_FLAG): check here, every time.
+            raise self._wrong_thread()
         if self.kept:
             # Kept by an iteration that a KeyboardInterrupt cut short: due before anything new.
             self.dispatch_deferred()
@@ -675,10 +686,7 @@ cdef class UringDatapath(Datapath):
                     self._harvest(0)    # what completed still gets delivered
                 return -1
         elif ret == -EEXIST:
-            raise RuntimeError(
-                'kbloop: this loop\'s io_uring is bound to the thread that first ran it '
-                '(SINGLE_ISSUER); run it in that thread or create it with '
-                'new_event_loop(single_issuer=False)')
+            raise self._wrong_thread()
         elif ret < 0 and ret != -EBUSY and ret != -EAGAIN:
             raise OSError(-ret, 'io_uring_enter: ' + os.strerror(-ret))
         if self.defer:
