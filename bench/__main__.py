@@ -252,6 +252,8 @@ def write_reports(rows, meta, stem, plots=True, latest=None):
     beside stem.json."""
     m = meta["machine"]
     targets = report.check_targets(rows)
+    if meta["mode"] == "tls":   # the other targets are about scenarios a TLS run has none of
+        targets = [t for t in targets if t[0] == report.TLS_TARGET]
     print(f"\nkbloop benchmark, {meta['mode']} mode: {meta['rounds']} round(s) x {meta['seconds']:g} s "
           f"(+{meta['warmup_rounds']} warm-up round), Python {m['python']}, Linux {m['kernel']}, "
           f"server on CPU {m['server_cpu']}, load on CPU {m['load_cpu']}\n")

@@ -539,9 +539,10 @@ def markdown_report(rows, meta, targets, plots):
     if meta.get("warnings"):
         lines += [""] + [f"**Warning:** {w}" for w in meta["warnings"]]
     lines += ["", "## Targets (kbloop vs uvloop, same run)", "", "```",
-              targets_text(targets, bullet=""), "```", "",
-              "Where kbloop misses a target, [PROFILE.md](PROFILE.md) has a profile of the kbloop "
-              "server in that scenario and where its time goes.", ""]
+              targets_text(targets, bullet=""), "```", ""]
+    if meta["mode"] != "tls":   # PROFILE.md profiles the plain scenarios
+        lines += ["Where kbloop misses a target, [PROFILE.md](PROFILE.md) has a profile of the "
+                  "kbloop server in that scenario and where its time goes.", ""]
     tls = tls_table(rows, markdown=True)
     if tls:
         lines += ["## TLS vs uvloop", "", tls, "", TLS_NOTE, ""]
