@@ -112,6 +112,9 @@ static uint64_t errors, requests, t_measure, t_end;
 static void fail(struct conn *c, const char *why) {
     fprintf(stderr, "echo_load: connection %d: %s\n", c->fd, why);
     errors++;
+#ifdef ECHO_LOAD_TLS
+    ERR_clear_error(); /* SSL_get_error() on the other connections needs an empty queue */
+#endif
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     c->fd = -1;
@@ -139,6 +142,9 @@ static ssize_t conn_recv(struct conn *c, char *buf, size_t len) {
     if (n > 0) return n;
     int err = SSL_get_error(c->ssl, n);
     if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0)) return 0;
+    /* OpenSSL 3 reports a FIN without the peer's close_notify as an error: a close too. */
+    if (err == SSL_ERROR_SSL && ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING)
+        return 0;
     /* WANT_READ: a partial record, or only a post-handshake message (session ticket). */
     errno = err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ? EAGAIN
             : err == SSL_ERROR_SYSCALL ? errno : EPROTO;
@@ -146,6 +152,14 @@ static ssize_t conn_recv(struct conn *c, char *buf, size_t len) {
 #else
     return recv(c->fd, buf, len, 0);
 #endif
+}
+
+/* Why the last conn_send/conn_recv failed (OpenSSL's reason for a TLS protocol error). */
+static const char *conn_error(void) {
+#ifdef ECHO_LOAD_TLS
+    if (errno == EPROTO && ERR_peek_error()) return ERR_reason_error_string(ERR_get_error());
+#endif
+    return strerror(errno);
 }
 
 /* Decrypted bytes OpenSSL holds that epoll cannot signal (always 0 over plain TCP). */
@@ -177,7 +191,7 @@ static void flush_send(struct conn *c) {
         if (n < 0) {
             if (errno == EAGAIN) break;
             if (errno == EINTR) continue;
-            fail(c, strerror(errno));
+            fail(c, conn_error());
             return;
         }
         c->sent_bytes += n;
@@ -205,7 +219,7 @@ static void on_readable(struct conn *c) {
     ssize_t r = conn_recv(c, rbuf, want);
     if (r == 0) { fail(c, "closed by server"); return; }
     if (r < 0) {
-        if (errno != EAGAIN && errno != EINTR) fail(c, strerror(errno));
+        if (errno != EAGAIN && errno != EINTR) fail(c, conn_error());
         return;
     }
     if (c->recvd_bytes + r > c->sent_bytes) { fail(c, "server sent more than it received"); return; }

@@ -120,6 +120,57 @@ def test_https_server_body_keep_alive(serve):
         conn.close()
 
 
+@pytest.mark.parametrize("fault", [None, "flip", "extra", "close"])
+def test_tls_echo_load_checks_every_decrypted_byte(fault):
+    """echo_load_tls against a TLS echo server of this test's own (threads, blocking ssl
+    sockets): a correct echo counts round trips without errors; a flipped byte, a byte too
+    many or a close mid-run is an error (exit status 3), so a broken TLS server cannot pass."""
+    import threading
+
+    exe = runner.build_echo_load(tls=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*runner.tls_cert())
+    listener = socket.create_server((runner.HOST, 0))
+    port = listener.getsockname()[1]
+
+    def echo(conn):
+        with conn:
+            n = 0
+            while data := conn.recv(65536):
+                n += 1
+                if fault == "flip" and n == 50:
+                    data = bytes([data[0] ^ 1]) + data[1:]
+                elif fault == "extra" and n == 50:
+                    data += b"x"
+                elif fault == "close" and n == 50:
+                    return
+                conn.sendall(data)
+
+    def accept():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            try:
+                conn = ctx.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                conn.close()
+                continue
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        out = subprocess.run([str(exe), "-p", str(port), "-c", "2", "-s", "100", "-d", "0.3",
+                              "-w", "0"], capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+    res = json.loads(out.stdout)
+    if fault is None:
+        assert out.returncode == 0 and res["errors"] == 0 and res["requests"] > 100, out
+    else:
+        assert out.returncode == 3 and res["errors"] >= 1, out
+        assert {"flip": "does not match", "extra": "does not match",
+                "close": "closed by server"}[fault] in out.stderr, out
+
+
 def resp_command(*args):
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
 
