@@ -7,7 +7,7 @@ wrk, redis-benchmark), loops interleaved round by round.  Prints a table of
 medians and writes all samples (JSON), plots (PNG) and a markdown report to
 bench/results/.  --modes compares kbloop's reactor modes (default, busy-poll,
 SQPOLL) with uvloop instead; --core measures the loop core without I/O
-(bench/core.py).  Method: bench/README.md.
+(bench/core.py); --tls measures TLS echo and HTTPS.  Method: bench/README.md.
 """
 
 import argparse
@@ -56,6 +56,9 @@ def parse_args(argv=None):
                       help="the loop core without I/O (callbacks, tasks, queues, timers, "
                            "call_soon_threadsafe): ns per operation, about 4 minutes; writes "
                            "bench/results/CORE.md")
+    mode.add_argument("--tls", dest="mode", action="store_const", const="tls",
+                      help="TLS echo and HTTPS: asyncio, uvloop, kbloop (its own TLS) and kbloop "
+                           "with asyncio's sslproto, about 7 minutes; writes bench/results/TLS.md")
     p.add_argument("--loops", help="comma-separated, from: " + ", ".join(LOOPS)
                                    + " (default: the mode's; --smoke: all; --core: any of "
                                    + ", ".join(core.CORE_LOOPS) + ")")
@@ -113,7 +116,18 @@ def usable_scenarios(scenarios):
     for tool in sorted(missing):
         print(f"note: skipping scenarios that need `{tool}`: not found (bash scripts/setup.sh)",
               file=sys.stderr)
-    return [s for s in scenarios if TOOLS.get(s.kind) not in missing]
+    scenarios = [s for s in scenarios if TOOLS.get(s.kind) not in missing]
+    if any(s.tls for s in scenarios):
+        # The servers' certificate (openssl req) and the TLS echo load generator (libssl-dev).
+        try:
+            runner.tls_cert()
+            if any(s.tls and s.kind == "echo" for s in scenarios):
+                build_echo_load(tls=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"note: skipping the TLS scenarios: {e} (bash scripts/setup.sh installs "
+                  "openssl and libssl-dev)", file=sys.stderr)
+            scenarios = [s for s in scenarios if not s.tls]
+    return scenarios
 
 
 def open_rate(sc, samples):
@@ -229,7 +243,8 @@ def veth_link(loops):
 
 
 # The modes whose complete runs also write a fixed-name copy of their report.
-LATEST = {"full": "LATEST.md", "modes": "MODES.md", "dpdk": "DPDK.md", "core": "CORE.md"}
+LATEST = {"full": "LATEST.md", "modes": "MODES.md", "dpdk": "DPDK.md", "core": "CORE.md",
+          "tls": "TLS.md"}
 
 
 def write_reports(rows, meta, stem, plots=True, latest=None):
@@ -237,12 +252,19 @@ def write_reports(rows, meta, stem, plots=True, latest=None):
     beside stem.json."""
     m = meta["machine"]
     targets = report.check_targets(rows)
+    if meta["mode"] == "tls":   # the other targets are about scenarios a TLS run has none of
+        targets = [t for t in targets if t[0] == report.TLS_TARGET]
     print(f"\nkbloop benchmark, {meta['mode']} mode: {meta['rounds']} round(s) x {meta['seconds']:g} s "
           f"(+{meta['warmup_rounds']} warm-up round), Python {m['python']}, Linux {m['kernel']}, "
           f"server on CPU {m['server_cpu']}, load on CPU {m['load_cpu']}\n")
     print(report.text_table(rows))
     print("\nmedians over rounds; spread = (max-min)/median req/s; CPU us/req = server CPU per "
           "request; server/gen CPU = share of a core; GEN-BOUND = load generator may be the limit.")
+    tls = report.tls_table(rows)
+    if tls:
+        print("\nTLS vs uvloop (same run):\n")
+        print(tls)
+        print("\n" + textwrap.fill(report.TLS_NOTE, 100))
     modes = report.modes_table(rows)
     if modes:
         dpdk = meta["mode"] == "dpdk"

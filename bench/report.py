@@ -9,6 +9,8 @@ GROUPS = {
     "open": "Echo, open loop: server CPU at the same offered load for every loop",
     "http": "HTTP/1.1 keep-alive, wrk -t1",
     "redis": "Redis protocol, redis-benchmark -t ping,set,get,incr",
+    "tls": "Echo over TLS, closed loop (echo_load_tls); the c1 rows are the latency rows",
+    "https": "HTTPS/1.1 keep-alive, wrk -t1",
 }
 
 
@@ -147,7 +149,8 @@ def modes_table(rows, markdown=False):
     """One line per loop, ratios to uvloop in brackets: the reactor-mode comparison.
     Empty unless the run has a kbloop reactor-mode loop (kbloop-busy, kbloop-sqpoll)."""
     loops = list(dict.fromkeys(r["loop"] for r in rows))
-    if not any(loop.startswith("kbloop-") for loop in loops):
+    if not any(loop.startswith("kbloop-") and not LOOPS.get(loop, {}).get("tls_only")
+               for loop in loops):
         return ""
     by = {(r["scenario"], r["loop"]): r for r in rows}
     cols = _modes_columns(rows)
@@ -192,6 +195,74 @@ MODES_NOTE = (
     "1/(req/s), the cost of spinning, not of the work. The fair CPU comparisons are c32 "
     "(every loop saturates its core) and the open-loop row (same offered load for all). "
     "SQPOLL's kernel thread is a thread of the server process, so its CPU is included.")
+
+
+# ---------------------------------------------------------------- TLS
+
+TLS_TARGET = ("TLS (echo and HTTPS): kbloop >= uvloop's requests/s at <= 0.9x its server CPU "
+              "per request")
+
+
+def tls_verdict(uv, kb):
+    """Issue 15's target for one TLS scenario: "met" or "MISSED" (with why), or None."""
+    if kb["vs_uvloop"] is None or kb["cpu_vs_uvloop"] is None:
+        return None
+    def x(v, limit):     # 0.997 is shown as 0.997x, not as a missed "1.00x"
+        return f"{v:.2f}x" if round(v, 2) != limit else f"{v:.3f}x"
+
+    why = [w for w, bad in ((f"req/s {x(kb['vs_uvloop'], 1.0)} < 1.0x", kb["vs_uvloop"] < 1.0),
+                            (f"CPU/req {x(kb['cpu_vs_uvloop'], 0.9)} > 0.9x",
+                             kb["cpu_vs_uvloop"] > 0.9)) if bad]
+    return "MISSED: " + ", ".join(why) if why else "met"
+
+
+def tls_table(rows, markdown=False):
+    """One line per TLS scenario: each loop's req/s and server CPU per request (ratio to
+    uvloop in brackets), and whether kbloop meets issue 15's target there.  Empty without
+    TLS rows."""
+    rows = [r for r in rows if r["group"] in ("tls", "https")]
+    if not rows:
+        return ""
+    loops = list(dict.fromkeys(r["loop"] for r in rows))
+    by = {(r["scenario"], r["loop"]): r for r in rows}
+    head = ["scenario"]
+    for loop in loops:
+        head += [f"{loop} req/s", f"{loop} CPU us/req"]
+    head.append("kbloop target")
+    body = []
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        line = [name]
+        for loop in loops:
+            r = by.get((name, loop))
+            if r is None:
+                line += ["-", "-"]
+                continue
+            ratio = (lambda v: "") if loop == "uvloop" else (
+                lambda v: "" if v is None else f" ({v:.2f}x)")
+            line += [f"{r['rps']:,.0f}{ratio(r['vs_uvloop'])}"
+                     + (" GEN-BOUND" if r["gen_bound"] else ""),
+                     f"{r['cpu_us_per_req']:.1f}{ratio(r['cpu_vs_uvloop'])}"]
+        uv, kb = by.get((name, "uvloop")), by.get((name, "kbloop"))
+        line.append((uv and kb and tls_verdict(uv, kb)) or "not measured")
+        body.append(line)
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |",
+                          "|---|" + "---:|" * (len(head) - 2) + "---|"]
+                         + ["| " + " | ".join(line) + " |" for line in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) if j in (0, len(head) - 1) else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(line, widths)))
+                     for line in [head, ["-" * w for w in widths]] + body)
+
+
+TLS_NOTE = (
+    "Ratios (in brackets) are to uvloop's median in the same run: above 1 is better for req/s, "
+    "below 1 for CPU per request. kbloop is kbloop's own TLS transport (the default); "
+    "kbloop-sslproto is the same loop with KBLOOP_TLS=asyncio, asyncio's sslproto over kbloop's "
+    "transports. The closed-loop rows mix cost with how hard each loop is pushed: where a "
+    "server uses its whole core, its CPU per request is about 1/(req/s). Each run's TLS "
+    "handshakes, one per connection, are in the server's CPU (echo_load_tls makes them before "
+    "its clock starts, wrk inside its run).")
 
 
 # ---------------------------------------------------------------- targets
@@ -289,6 +360,19 @@ def check_targets(rows):
              f"{uv['cpu_us_per_req']:.2f} us/req = {kb['cpu_vs_uvloop']:.2f}x, at "
              f"{kb['vs_uvloop']:.2f}x its req/s" + (" MISSED" if (uv, kb) in failed else "")
              for uv, kb in sel]))
+    # 7. Issue 15, TLS: kbloop >= uvloop's requests/s at <= 0.9x its CPU per request, in every
+    # TLS echo and HTTPS scenario.  Only in runs with TLS scenarios (python -m bench --tls).
+    sel = [(uv, kb) for uv, kb in pairs if kb["group"] in ("tls", "https")]
+    if sel:
+        checked = [(uv, kb, tls_verdict(uv, kb)) for uv, kb in sel]
+        checked = [c for c in checked if c[2]]
+        failed = [c for c in checked if c[2] != "met"]
+        results.append((
+            TLS_TARGET, verdict(checked, failed),
+            [f"{kb['scenario']}: {kb['vs_uvloop']:.2f}x uvloop's req/s, "
+             f"{kb['cpu_vs_uvloop']:.2f}x its CPU per request: {v}"
+             + (" (generator-bound)" if uv["gen_bound"] or kb["gen_bound"] else "")
+             for uv, kb, v in checked]))
     return results
 
 
@@ -305,7 +389,7 @@ def targets_text(results, bullet="  "):
 LOOP_COLORS = {"asyncio": "#7f7f7f", "uvloop": "#1f77b4", "kbloop": "#d62728",
                "kbloop-busy": "#ff7f0e", "kbloop-sqpoll": "#2ca02c",
                "uvloop-veth": "#17becf", "kbloop-veth": "#e377c2", "kbloop-dpdk": "#9467bd",
-               "kbloop-memif": "#8c564b"}
+               "kbloop-memif": "#8c564b", "kbloop-sslproto": "#bcbd22"}
 
 
 def plot_all(rows, loops, stem):
@@ -350,7 +434,9 @@ def plot_all(rows, loops, stem):
 
     # Throughput: echo req/s by concurrency, one panel per (server, size) measured;
     # HTTP and Redis as bars in a bottom row.
-    echo = [r for r in rows if r["group"] == "echo"]
+    # A TLS echo server is its own panel ("tls proto").
+    echo = [{**r, "server": f"tls {r['server']}" if r["group"] == "tls" else r["server"]}
+            for r in rows if r["group"] in ("echo", "tls")]
     panels = {}  # server -> sizes measured
     for r in echo:
         panels.setdefault(r["server"], [])
@@ -391,7 +477,7 @@ def plot_all(rows, loops, stem):
             ax = fig.add_subplot(grid[-1, :])
             grouped_bars(ax, other, series_for(other, "rps"))
             ax.set_ylabel("req/s", fontsize=8)
-            ax.set_title("HTTP and Redis", fontsize=9)
+            ax.set_title("HTTP(S) and Redis", fontsize=9)
             ax.legend(fontsize=7)
         fig.suptitle("Throughput (median req/s; x = generator-bound)", fontsize=10)
         paths.append(f"{stem}-throughput.png")
@@ -400,7 +486,8 @@ def plot_all(rows, loops, stem):
 
     # Latency percentiles: c1 echo (round trip at concurrency 1) and open-loop runs.
     lat = list(dict.fromkeys(r["scenario"] for r in rows
-                             if (r["group"] == "echo" and r["conns"] == 1) or r["group"] == "open"))
+                             if (r["group"] in ("echo", "tls") and r["conns"] == 1)
+                             or r["group"] == "open"))
     if lat:
         fig, axes = plt.subplots(1, len(lat), figsize=(2.8 * len(lat) + 1, 3.4),
                                  squeeze=False, constrained_layout=True)
@@ -455,9 +542,13 @@ def markdown_report(rows, meta, targets, plots):
     if meta.get("warnings"):
         lines += [""] + [f"**Warning:** {w}" for w in meta["warnings"]]
     lines += ["", "## Targets (kbloop vs uvloop, same run)", "", "```",
-              targets_text(targets, bullet=""), "```", "",
-              "Where kbloop misses a target, [PROFILE.md](PROFILE.md) has a profile of the kbloop "
-              "server in that scenario and where its time goes.", ""]
+              targets_text(targets, bullet=""), "```", ""]
+    if meta["mode"] != "tls":   # PROFILE.md profiles the plain scenarios
+        lines += ["Where kbloop misses a target, [PROFILE.md](PROFILE.md) has a profile of the "
+                  "kbloop server in that scenario and where its time goes.", ""]
+    tls = tls_table(rows, markdown=True)
+    if tls:
+        lines += ["## TLS vs uvloop", "", tls, "", TLS_NOTE, ""]
     modes = modes_table(rows, markdown=True)
     if modes and meta["mode"] == "dpdk":
         lines += ["## The DPDK datapath vs uvloop", "", modes, "", DPDK_NOTE, ""]

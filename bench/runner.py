@@ -9,6 +9,7 @@ import platform
 import re
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,11 @@ LOOPS = {
     "kbloop-sqpoll": {"argv": ["-m", "kbloop"], "module": "kbloop",
                       "env": {"KBLOOP_SQPOLL": "1", "KBLOOP_SQ_CPU": str(SERVER_CPU)},
                       "probe": kbloop_probe("sqpoll")},
+    # kbloop with asyncio's sslproto as its TLS layer instead of its own (docs/tls.md, the
+    # escape hatch): the same loop as "kbloop" without TLS, so it runs the TLS scenarios only.
+    "kbloop-sslproto": {"argv": ["-m", "kbloop"], "module": "kbloop",
+                        "env": {"KBLOOP_TLS": "asyncio"}, "tls_only": True,
+                        "probe": kbloop_probe()},
     # The DPDK datapath (issue 6, `--dpdk`): "vs" names the loop each one is compared with.
     "uvloop-veth": {"argv": ["-c", UVLOOP_SHIM], "module": "uvloop.", "probe": "import uvloop",
                     "link": "veth", "vs": "uvloop-veth"},
@@ -92,6 +98,8 @@ LOOPS = {
 }
 # The loops of `python -m bench --modes`, compared with uvloop in the same run.
 MODE_LOOPS = ["uvloop", "kbloop", "kbloop-busy", "kbloop-sqpoll"]
+# The loops of `python -m bench --tls`: kbloop's own TLS layer and asyncio's sslproto on kbloop.
+TLS_LOOPS = ["asyncio", "uvloop", "kbloop", "kbloop-sslproto"]
 # The loops of `python -m bench --dpdk`: over the veth link, uvloop and kbloop on the kernel
 # and kbloop on DPDK; over memif, kbloop on DPDK against uvloop on loopback.
 DPDK_LOOPS = ["uvloop-veth", "kbloop-veth", "kbloop-dpdk", "uvloop", "kbloop-memif"]
@@ -103,7 +111,13 @@ def link_of(loop):
 
 def supports(loop, sc):
     """Can this loop's link run the scenario?  Over memif the only load generator is the
-    closed-loop echo one on the DPDK stack (no wrk, redis-benchmark or open loop there)."""
+    closed-loop echo one on the DPDK stack (no wrk, redis-benchmark or open loop there).
+    TLS runs on loopback (TLS over the DPDK stack is tests/test_dpdk_loop.py's); a loop that
+    differs from another only in its TLS layer (kbloop-sslproto) runs the TLS scenarios only."""
+    if sc.tls:
+        return link_of(loop) == "loopback"
+    if LOOPS[loop].get("tls_only"):
+        return False
     return link_of(loop) != "memif" or (sc.kind == "echo" and not sc.open_of)
 
 
@@ -144,13 +158,37 @@ def readline(stream, timeout):
     return line.decode() if isinstance(line, bytes) else line
 
 
-def build_echo_load():
-    """Compile the load generator if it is missing or older than its source."""
-    src, exe = REPO / "bench" / "echo_load.c", BUILD / "echo_load"
+def build_echo_load(tls=False):
+    """Compile the load generator if it is missing or older than its source; tls: its TLS
+    build (OpenSSL: libssl-dev), bench/.build/echo_load_tls."""
+    src, exe = REPO / "bench" / "echo_load.c", BUILD / ("echo_load_tls" if tls else "echo_load")
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
+        flags = (["-DECHO_LOAD_TLS"], ["-lssl", "-lcrypto"]) if tls else ([], [])
+        subprocess.run(["gcc", "-O2", "-Wall", *flags[0], "-o", str(exe), str(src), *flags[1]],
+                       check=True)
     return exe
+
+
+def tls_cert():
+    """(cert, key): a self-signed ECDSA P-256 certificate for 127.0.0.1 that the TLS servers
+    load (`--tls CERT KEY`); made once with `openssl req` into bench/.build/tls/.  The load
+    generators do not check it."""
+    d = BUILD / "tls"
+    if not d.exists():
+        # Made beside it and renamed into place: a concurrent run sees both files or none.
+        BUILD.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="tls.", dir=BUILD))
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec",
+                        "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650",
+                        "-subj", "/CN=localhost", "-addext", f"subjectAltName=IP:{HOST}",
+                        "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+                       check=True, capture_output=True)
+        try:
+            tmp.rename(d)
+        except OSError:     # another run was first
+            shutil.rmtree(tmp)
+    return str(d / "cert.pem"), str(d / "key.pem")
 
 
 def available(loop):
@@ -164,13 +202,13 @@ class Server:
     """One example server process on one loop; fresh per measurement so no
     state leaks between runs."""
 
-    def __init__(self, loop, server):
+    def __init__(self, loop, server, tls=False):
         self.stderr = tempfile.TemporaryFile()
         self.link = link_of(loop)
         host = LOOPS[loop].get("host") or (KERNEL_VETH_IP if self.link == "veth" else HOST)
         self.target = LOOPS[loop].get("target", host)   # where the load generator connects
         argv = [sys.executable, *LOOPS[loop]["argv"], *SERVERS[server],
-                "--host", host, "--port", "0"]
+                "--host", host, "--port", "0", *(["--tls", *tls_cert()] if tls else [])]
         self.peers = []     # memif load generators that stay connected until the server stops
         if self.link == "veth":
             argv = NET.cmd_a(*argv)
@@ -253,7 +291,7 @@ def run_memif_echo(sc, server, seconds, rate, warmup_s):
 
 
 def echo_load_argv(sc, server, seconds, rate=None):
-    argv = [str(build_echo_load()), "-H", server.target, "-p", str(server.port),
+    argv = [str(build_echo_load(sc.tls)), "-H", server.target, "-p", str(server.port),
             "-c", str(sc.conns), "-s", str(sc.msg_size), "-d", str(seconds), "-w", "0"]
     return argv + (["-r", f"{rate:.0f}"] if rate else [])
 
@@ -278,7 +316,7 @@ def run_echo(sc, server, seconds, rate=None, warmup_s=0.0):
 
 def run_wrk(sc, server, seconds):
     argv = ["wrk", "-t1", f"-c{sc.conns}", f"-d{max(1, math.ceil(seconds))}s", "--latency",
-            f"http://{server.target}:{server.port}/"]
+            f"{'https' if sc.tls else 'http'}://{server.target}:{server.port}/"]
     out = run_tool(argv, seconds + 60, server)
     return parse_wrk(out.stdout + out.stderr)
 
@@ -396,7 +434,7 @@ def measure(loop, sc, seconds, rate=None, warmup_s=0.5, profile_to=None):
     rate: offered requests/s for an open-loop echo run (sc.open_of).
     profile_to: a perf.data path: record the server during the measured run.
     """
-    server = Server(loop, sc.server)
+    server = Server(loop, sc.server, sc.tls)
     inline_warmup = warmup_s if server.link == "memif" else 0.0
     try:
         if warmup_s and not inline_warmup:
@@ -483,6 +521,8 @@ def machine_info():
                            cwd=REPO, capture_output=True, text=True)
         return r.stdout.strip() or None
 
+    ssl_lib = subprocess.run([sys.executable, "-c", "import ssl; print(ssl.OPENSSL_VERSION)"],
+                             capture_output=True, text=True).stdout.strip()
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model(),
@@ -494,6 +534,8 @@ def machine_info():
             **{m: module_version(m) for m in ("kbloop", "uvloop", "aiohttp", "httptools")},
             "wrk": version(["wrk", "-v"], r"wrk (\S+)"),
             "redis-benchmark": version(["redis-benchmark", "--version"]),
+            "openssl": version(["openssl", "version"], r"OpenSSL (\S+)"),
+            "python ssl": ssl_lib or None,
             "gcc": version(["gcc", "-dumpfullversion"]),
         },
         "server_cpu": SERVER_CPU,

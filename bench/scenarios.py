@@ -1,9 +1,9 @@
-"""The scenarios of each mode (--smoke, --quick, --full, --modes, --dpdk; --core has
+"""The scenarios of each mode (--smoke, --quick, --full, --modes, --dpdk, --tls; --core has
 no servers: bench/core.py)."""
 
 from dataclasses import dataclass
 
-from .runner import DPDK_LOOPS, LOOPS, MODE_LOOPS
+from .runner import DPDK_LOOPS, LOOPS, MODE_LOOPS, TLS_LOOPS
 
 SIZES = {64: "64B", 1024: "1KiB", 16384: "16KiB", 102400: "100KiB"}
 OPEN_LOAD_FRACTION = 0.7  # open-loop rate: this fraction of the slowest loop's closed-loop rps
@@ -19,11 +19,14 @@ class Scenario:
     pipeline: int = 1    # redis-benchmark -P
     requests: int = 0    # redis-benchmark -n (per command)
     open_of: str = ""    # open loop: the closed-loop scenario whose rps sets the offered rate
+    tls: bool = False    # the server serves TLS (--tls CERT KEY); echo_load_tls, wrk https://
 
     @property
     def group(self):
         if self.open_of:
             return "open"
+        if self.tls:
+            return "tls" if self.kind == "echo" else "https"
         return self.kind
 
 
@@ -39,6 +42,14 @@ def open_loop(closed):
 
 def http(server, conns):
     return Scenario(f"http {server} c{conns}", "http", server, conns)
+
+
+def tls_echo(server, size, conns):
+    return Scenario(f"tls {server} {SIZES[size]} c{conns}", "echo", server, conns, size, tls=True)
+
+
+def https(server, conns):
+    return Scenario(f"https {server} c{conns}", "http", server, conns, tls=True)
 
 
 def redis(pipeline, conns, requests):
@@ -78,6 +89,7 @@ def smoke():
         open_loop(p1k),
         http("httptools", 8), http("aiohttp", 8),
         redis(1, 8, 200), redis(16, 8, 2000),
+        tls_echo("proto", 1024, 8), https("httptools", 8),
     ]
 
 
@@ -87,6 +99,13 @@ def modes():
     p64c32 = echo("proto", 64, 32)
     return [echo("proto", 64, 1), echo("proto", 1024, 1), p64c32, echo("proto", 1024, 32),
             open_loop(p64c32)]
+
+
+def tls():
+    """TLS (issue 15): echo over TLS at 1 and 32 connections, small and large messages, and
+    HTTPS; kbloop's own TLS layer and asyncio's sslproto on kbloop."""
+    return [tls_echo("proto", size, conns) for size in (64, 16384) for conns in (1, 32)] + [
+        https("httptools", 1), https("httptools", 32)]
 
 
 def dpdk():
@@ -116,6 +135,8 @@ MODES = {
                   warmup_rounds=1, noisy_retries=3),
     "dpdk": dict(scenarios=dpdk, loops=DPDK_LOOPS, rounds=3, seconds=2.0, warmup_s=0.5,
                  warmup_rounds=1, noisy_retries=2),
+    "tls": dict(scenarios=tls, loops=TLS_LOOPS, rounds=5, seconds=1.5, warmup_s=0.5,
+                warmup_rounds=1, noisy_retries=0),
     # No servers: bench/core.py's programs, with their own operation counts (no --seconds).
     "core": dict(scenarios=list, loops=CORE_LOOPS, rounds=5, seconds=0, warmup_s=0,
                  warmup_rounds=1, noisy_retries=0),

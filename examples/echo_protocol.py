@@ -5,6 +5,7 @@ asyncio, uvloop or kbloop depending on how it is started, e.g.
 
     python examples/echo_protocol.py --port 0            # asyncio
     python -m kbloop examples/echo_protocol.py --port 0  # kbloop
+    python examples/echo_protocol.py --tls cert.pem key.pem   # echo over TLS
 
 Prints ``listening on HOST:PORT`` once accepting and serves until
 SIGTERM/SIGINT, then exits with status 0.
@@ -13,6 +14,7 @@ SIGTERM/SIGINT, then exits with status 0.
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 
 
@@ -38,11 +40,20 @@ class EchoBufferedProtocol(asyncio.BufferedProtocol):
         self.transport.write(bytes(self.buffer[:nbytes]))
 
 
-async def serve(host="127.0.0.1", port=0, buffered=False):
+def server_ssl_context(tls):
+    """None, or a server-side SSLContext for tls = (CERT, KEY) PEM files."""
+    if not tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls)
+    return ctx
+
+
+async def serve(host="127.0.0.1", port=0, buffered=False, tls=None):
     """Serve echo until SIGTERM/SIGINT; prints the bound address."""
     loop = asyncio.get_running_loop()
     protocol = EchoBufferedProtocol if buffered else EchoProtocol
-    server = await loop.create_server(protocol, host, port)
+    server = await loop.create_server(protocol, host, port, ssl=server_ssl_context(tls))
     await wait_for_stop_signal(server)
 
 
@@ -70,12 +81,13 @@ def parse_args(description):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = any free port")
     p.add_argument("--buffered", action="store_true", help="use asyncio.BufferedProtocol")
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve TLS (PEM files)")
     return p.parse_args()
 
 
 def main():
     args = parse_args(__doc__.splitlines()[0])
-    asyncio.run(serve(args.host, args.port, args.buffered))
+    asyncio.run(serve(args.host, args.port, args.buffered, args.tls))
 
 
 if __name__ == "__main__":

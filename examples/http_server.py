@@ -1,13 +1,14 @@
 """Minimal HTTP/1.1 keep-alive "Hello, World!" server (asyncio Protocol + httptools).
 
 Loop-agnostic like echo_protocol.py: run it with plain python (asyncio),
-or ``python -m kbloop examples/http_server.py --port 0``.
+or ``python -m kbloop examples/http_server.py --port 0``; ``--tls CERT KEY`` serves HTTPS.
 Prints ``listening on HOST:PORT`` once accepting; exits 0 on SIGTERM/SIGINT.
 """
 
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 
 import httptools
@@ -44,9 +45,13 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def serve(host="127.0.0.1", port=0):
+async def serve(host="127.0.0.1", port=0, tls=None):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(HttpProtocol, host, port)
+    ctx = None
+    if tls:  # (CERT, KEY) PEM files
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(*tls)
+    server = await loop.create_server(HttpProtocol, host, port, ssl=ctx)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -65,8 +70,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = any free port")
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS (PEM files)")
     args = p.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.tls))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ source scripts/venv.sh
 
 # liburing-dev: the core; dpdk-dev/libdpdk-dev/pkg-config/dpkg-dev: the DPDK datapath (lwIP's
 # source is fetched below); libibverbs-dev/librdmacm-dev: the RDMA one;
-# ethtool/iproute2/iputils-ping: the DPDK tests' network namespaces and kernel peers; the rest: the demo's load generators and the services.
+# ethtool/iproute2/iputils-ping: the DPDK tests' network namespaces and kernel peers;
+# libssl-dev/openssl: the benchmark's TLS load generator (bench/echo_load.c) and its certificate;
+# the rest: the demo's load generators and the services.
 kb_apt liburing-dev wrk valgrind gcc redis-server postgresql redis-tools linux-perf \
        dpdk-dev libdpdk-dev pkg-config dpkg-dev ethtool iproute2 iputils-ping curl patch \
-       libibverbs-dev librdmacm-dev
+       libibverbs-dev librdmacm-dev libssl-dev openssl
 kb_venv
 
 # lwIP's source with our patches, in .deps/lwip (scripts/lwip.sh: fetched once, patched once).

@@ -2,8 +2,9 @@
 
 Every example server the suite drives is started through the suite's own
 runner on every loop (kbloop's reactor modes included: kbloop-busy,
-kbloop-sqpoll) and checked byte for byte (echo), body for body (HTTP) and
-reply for reply (Redis, raw RESP and redis-py).  Then `python -m bench
+kbloop-sqpoll, and kbloop-sslproto for TLS) and checked byte for byte (echo, also
+over TLS), body for body (HTTP, HTTPS) and reply for reply (Redis, raw RESP and
+redis-py).  Then `python -m bench
 --smoke` runs every scenario once per loop with tiny counts and must report
 no errors from echo_load (which checks every echoed byte), wrk (non-2xx,
 socket errors) or redis-benchmark (error replies).  Benchmarks, never timed
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -38,11 +40,12 @@ def loop(request):
 
 @pytest.fixture
 def serve(loop):
-    """serve(server_key) -> port of that example server on this loop; stopped after."""
+    """serve(server_key, tls=False) -> port of that example server on this loop; stopped
+    after."""
     started = []
 
-    def _serve(key):
-        server = runner.Server(loop, key)
+    def _serve(key, tls=False):
+        server = runner.Server(loop, key, tls)
         started.append(server)
         return server.port
 
@@ -84,6 +87,88 @@ def test_http_server_body_keep_alive(serve, key):
             assert not resp.will_close
     finally:
         conn.close()
+
+
+def client_context():
+    """Trusts the suite's self-signed certificate, checking it (and 127.0.0.1) for real."""
+    return ssl.create_default_context(cafile=runner.tls_cert()[0])
+
+
+def test_tls_echo_server_echoes_exact_bytes(serve):
+    port = serve("proto", tls=True)
+    raw = socket.create_connection((runner.HOST, port), timeout=10)
+    with client_context().wrap_socket(raw, server_hostname=runner.HOST) as s:
+        assert s.version() in ("TLSv1.2", "TLSv1.3")
+        for size in (1, 64, 1024, 16384, 102400):
+            payload = os.urandom(size)
+            s.sendall(payload)
+            assert recv_exactly(s, size) == payload
+
+
+def test_https_server_body_keep_alive(serve):
+    port = serve("httptools", tls=True)
+    conn = http.client.HTTPSConnection(runner.HOST, port, timeout=10, context=client_context())
+    try:
+        for _ in range(3):  # same connection: keep-alive
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.read() == b"Hello, World!"
+            assert not resp.will_close
+        assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("fault", [None, "flip", "extra", "close"])
+def test_tls_echo_load_checks_every_decrypted_byte(fault):
+    """echo_load_tls against a TLS echo server of this test's own (threads, blocking ssl
+    sockets): a correct echo counts round trips without errors; a flipped byte, a byte too
+    many or a close mid-run is an error (exit status 3), so a broken TLS server cannot pass."""
+    import threading
+
+    exe = runner.build_echo_load(tls=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*runner.tls_cert())
+    listener = socket.create_server((runner.HOST, 0))
+    port = listener.getsockname()[1]
+
+    def echo(conn):
+        with conn:
+            n = 0
+            while data := conn.recv(65536):
+                n += 1
+                if fault == "flip" and n == 50:
+                    data = bytes([data[0] ^ 1]) + data[1:]
+                elif fault == "extra" and n == 50:
+                    data += b"x"
+                elif fault == "close" and n == 50:
+                    return
+                conn.sendall(data)
+
+    def accept():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            try:
+                conn = ctx.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                conn.close()
+                continue
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        out = subprocess.run([str(exe), "-p", str(port), "-c", "2", "-s", "100", "-d", "0.3",
+                              "-w", "0"], capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+    res = json.loads(out.stdout)
+    if fault is None:
+        assert out.returncode == 0 and res["errors"] == 0 and res["requests"] > 100, out
+    else:
+        assert out.returncode == 3 and res["errors"] >= 1, out
+        assert {"flip": "does not match", "extra": "does not match",
+                "close": "closed by server"}[fault] in out.stderr, out
 
 
 def resp_command(*args):
@@ -287,6 +372,42 @@ def test_dpdk_report_compares_each_link_with_its_own_uvloop():
     assert target[1] == "met" and "0.45x" in target[2][0]
     table = report.modes_table(list(rows.values()))
     assert "120,000 (1.20x)" in table and "400,000 (3.64x)" in table
+
+
+def test_tls_report_checks_issue_15_target():
+    """--tls: per scenario, kbloop must reach uvloop's req/s at <= 0.9x its CPU per request;
+    the report says met or MISSED (and why) for each row."""
+    from bench import report
+
+    echo, web = scenarios.tls_echo("proto", 64, 32), scenarios.https("httptools", 32)
+    assert (echo.group, web.group) == ("tls", "https")
+    assert not runner.supports("kbloop-sslproto", scenarios.echo("proto", 64, 32))
+    assert runner.supports("kbloop-sslproto", echo) and runner.supports("kbloop", web)
+    base = {"warmup": False, "ok": True, "server_cpu_pct": 100.0, "gen_cpu_pct": 50.0,
+            "p50_us": 100.0, "p99_us": 200.0, "p999_us": 300.0}
+    runs = {(echo, "uvloop"): (10_000, 50.0), (echo, "kbloop"): (11_000, 45.0),  # 1.1x, 0.9x
+            (web, "uvloop"): (10_000, 50.0), (web, "kbloop"): (9_900, 40.0),     # 0.99x, 0.8x
+            (web, "kbloop-sslproto"): (8_000, 60.0)}
+    samples = [{**base, "scenario": sc.name, "loop": loop, "rps": rps, "cpu_us_per_req": cpu}
+               for (sc, loop), (rps, cpu) in runs.items()]
+    rows = report.summarize(samples, ["uvloop", "kbloop", "kbloop-sslproto"], [echo, web])
+    (target,) = [t for t in report.check_targets(rows) if t[0] == report.TLS_TARGET]
+    assert target[1] == "MISSED"
+    assert target[2][0].endswith(": met") and "tls proto 64B c32: 1.10x" in target[2][0]
+    assert target[2][1].endswith("MISSED: req/s 0.99x < 1.0x")
+    table = report.tls_table(rows)
+    assert "11,000 (1.10x)" in table and "45.0 (0.90x)" in table and "8,000 (0.80x)" in table
+    assert "MISSED: req/s 0.99x < 1.0x" in table
+    assert report.modes_table(rows) == ""      # kbloop-sslproto is no reactor mode
+    md = report.tls_table(rows, markdown=True)
+    assert md.splitlines()[0].startswith("| scenario | uvloop req/s | uvloop CPU us/req |")
+    assert md.count("\n") == 3 and "| met |" in md
+
+    samples = [{**x, "cpu_us_per_req": 46.0} if x["loop"] == "kbloop" and x["scenario"] == echo.name
+               else x for x in samples]      # 0.92x uvloop's CPU per request
+    rows = report.summarize(samples, ["uvloop", "kbloop"], [echo])
+    (target,) = [t for t in report.check_targets(rows) if t[0] == report.TLS_TARGET]
+    assert target[1] == "MISSED" and target[2][0].endswith("MISSED: CPU/req 0.92x > 0.9x")
 
 
 def test_smoke_mode_writes_report_and_plots(smoke_run):
