@@ -90,6 +90,19 @@ def _cells(r):
             ratio(r["vs_uvloop"]), ratio(r["vs_asyncio"])]
 
 
+def _grid(head, body, markdown, left):
+    """A table of strings: markdown, or plain aligned text; columns in `left` align left,
+    the others (numbers) right."""
+    if markdown:
+        rule = "|" + "".join("---|" if j in left else "---:|" for j in range(len(head)))
+        return "\n".join(["| " + " | ".join(head) + " |", rule]
+                         + ["| " + " | ".join(line) + " |" for line in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(c.ljust(w) if j in left else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(line, widths)))
+                     for line in [head, ["-" * w for w in widths]] + body)
+
+
 def text_table(rows):
     """Plain aligned table, a rule between scenarios."""
     body = [_cells(r) for r in rows]
@@ -167,14 +180,7 @@ def modes_table(rows, markdown=False):
             line.append(v + (f" ({r[ratio]:.2f}x)" if r[ratio] is not None and not own_ref else ""))
         body.append(line)
     head = ["loop"] + [c[0] for c in cols]
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |",
-                          "|---|" + "---:|" * len(cols)]
-                         + ["| " + " | ".join(line) + " |" for line in body])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
-                               for j, (c, w) in enumerate(zip(line, widths)))
-                     for line in [head, ["-" * w for w in widths]] + body)
+    return _grid(head, body, markdown, left={0})
 
 
 DPDK_NOTE = (
@@ -245,14 +251,7 @@ def tls_table(rows, markdown=False):
         uv, kb = by.get((name, "uvloop")), by.get((name, "kbloop"))
         line.append((uv and kb and tls_verdict(uv, kb)) or "not measured")
         body.append(line)
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |",
-                          "|---|" + "---:|" * (len(head) - 2) + "---|"]
-                         + ["| " + " | ".join(line) + " |" for line in body])
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(c.ljust(w) if j in (0, len(head) - 1) else c.rjust(w)
-                               for j, (c, w) in enumerate(zip(line, widths)))
-                     for line in [head, ["-" * w for w in widths]] + body)
+    return _grid(head, body, markdown, left={0, len(head) - 1})
 
 
 TLS_NOTE = (

@@ -79,14 +79,18 @@ def test_http_server_body_keep_alive(serve, key):
     port = serve(key)
     conn = http.client.HTTPConnection(runner.HOST, port, timeout=10)
     try:
-        for _ in range(3):  # same connection: keep-alive
-            conn.request("GET", "/")
-            resp = conn.getresponse()
-            assert resp.status == 200
-            assert resp.read() == b"Hello, World!"
-            assert not resp.will_close
+        check_keep_alive(conn)
     finally:
         conn.close()
+
+
+def check_keep_alive(conn):
+    for _ in range(3):  # same connection: keep-alive
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.read() == b"Hello, World!"
+        assert not resp.will_close
 
 
 def client_context():
@@ -109,12 +113,7 @@ def test_https_server_body_keep_alive(serve):
     port = serve("httptools", tls=True)
     conn = http.client.HTTPSConnection(runner.HOST, port, timeout=10, context=client_context())
     try:
-        for _ in range(3):  # same connection: keep-alive
-            conn.request("GET", "/")
-            resp = conn.getresponse()
-            assert resp.status == 200
-            assert resp.read() == b"Hello, World!"
-            assert not resp.will_close
+        check_keep_alive(conn)
         assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
     finally:
         conn.close()

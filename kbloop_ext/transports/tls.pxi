@@ -560,24 +560,20 @@ cdef class TLSProtocol:
             return      # uvloop: no pause/resume_writing() once closing
         if size >= self._out_high and not self._app_writing_paused:
             self._app_writing_paused = True
-            try:
-                self._app_protocol.pause_writing()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler({
-                    'message': 'protocol.pause_writing() failed', 'exception': exc,
-                    'transport': self._app_transport, 'protocol': self})
+            self._tell_app_writing('pause_writing')
         elif size <= self._out_low and self._app_writing_paused:
             self._app_writing_paused = False
-            try:
-                self._app_protocol.resume_writing()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:
-                self._loop.call_exception_handler({
-                    'message': 'protocol.resume_writing() failed', 'exception': exc,
-                    'transport': self._app_transport, 'protocol': self})
+            self._tell_app_writing('resume_writing')
+
+    cdef _tell_app_writing(self, str method):
+        try:
+            getattr(self._app_protocol, method)()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler({
+                'message': f'protocol.{method}() failed', 'exception': exc,
+                'transport': self._app_transport, 'protocol': self})
 
     cdef Py_ssize_t _get_write_buffer_size(self):
         return self._outgoing.pending + self._write_buffer_size

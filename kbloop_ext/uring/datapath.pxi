@@ -626,7 +626,8 @@ cdef class UringDatapath(Datapath):
         return io_uring_sq_ready(&self.r.ring) > 0 or len(self.parked) > 0
 
     cdef int submit(self) except -1:
-        if not self.opened or threading.get_ident() != self.enabled_thread:
+        if (not self.opened or not self.r.enabled
+                or PyThread_get_thread_ident() != self.enabled_ident):
             return 0
         if self.parked:
             self._unpark()
